@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmarks: timing, percentiles, reporting."""
+
+from __future__ import annotations
+
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) of `samples`, nearest-rank."""
+    ordered = sorted(samples)
+    index = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def summary_ms(samples: Sequence[float]) -> str:
+    """'p50 x ms, p99 y ms' for samples in seconds."""
+    return (
+        f"p50 {statistics.median(samples) * 1000:.3f} ms, "
+        f"p99 {percentile(samples, 99) * 1000:.3f} ms"
+    )
+
+
+def header(title: str) -> None:
+    """Print the benchmark's title, the command that ran it and the machine."""
+    print(f"# {title}")
+    print(f"command: {shlex.join(['python', *sys.argv])}")
+    print(
+        f"python {platform.python_version()} on {platform.machine()}, "
+        f"{platform.system()} {platform.release()}; {time.strftime('%Y-%m-%d %H:%M')}"
+    )

@@ -1,0 +1,79 @@
+"""p2ptimeline: a decentralized timeline service, as an asyncio library.
+
+Users register, follow each other and post; a Kademlia DHT holds the signed
+registry of users, and posts travel peer to peer. Start with `Peer`.
+"""
+
+from ._clock import DEFAULT_NTP_SERVERS, ClockSync
+from ._errors import (
+    AuthError,
+    DecodeError,
+    InvalidRecord,
+    InvalidSignature,
+    NetworkError,
+    NotLoggedIn,
+    P2PTimelineError,
+    PeerUnreachable,
+    RegistryUnavailable,
+    RemoteError,
+    StoreError,
+    UnknownUser,
+    UsageError,
+    UsernameTaken,
+)
+from ._hlc import HybridLogicalClock
+from ._identity import Identity, verify
+from ._memory_store import MemoryStore
+from ._models import (
+    MAX_POST_CHARS,
+    MAX_USERNAME_CHARS,
+    FollowEntry,
+    HybridTimestamp,
+    Post,
+    Presence,
+    UsernameClaim,
+    check_username,
+)
+from ._serializer import CborSerializer, JsonSerializer, Serializer
+from ._sqlite_store import SqliteStore
+from ._store import LocalStore, Relation, StoredIdentity
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "DEFAULT_NTP_SERVERS",
+    "MAX_POST_CHARS",
+    "MAX_USERNAME_CHARS",
+    "AuthError",
+    "CborSerializer",
+    "ClockSync",
+    "DecodeError",
+    "FollowEntry",
+    "HybridLogicalClock",
+    "HybridTimestamp",
+    "Identity",
+    "InvalidRecord",
+    "InvalidSignature",
+    "JsonSerializer",
+    "LocalStore",
+    "MemoryStore",
+    "NetworkError",
+    "NotLoggedIn",
+    "P2PTimelineError",
+    "PeerUnreachable",
+    "Post",
+    "Presence",
+    "RegistryUnavailable",
+    "Relation",
+    "RemoteError",
+    "Serializer",
+    "SqliteStore",
+    "StoreError",
+    "StoredIdentity",
+    "UnknownUser",
+    "UsageError",
+    "UsernameClaim",
+    "UsernameTaken",
+    "check_username",
+    "verify",
+]
