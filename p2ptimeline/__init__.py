@@ -34,6 +34,7 @@ from ._models import (
     UsernameClaim,
     check_username,
 )
+from ._registry import DhtRegistry, UserRecord
 from ._serializer import CborSerializer, JsonSerializer, Serializer
 from ._sqlite_store import SqliteStore
 from ._store import LocalStore, Relation, StoredIdentity
@@ -48,6 +49,7 @@ __all__ = [
     "CborSerializer",
     "ClockSync",
     "DecodeError",
+    "DhtRegistry",
     "FollowEntry",
     "HybridLogicalClock",
     "HybridTimestamp",
@@ -72,6 +74,7 @@ __all__ = [
     "StoredIdentity",
     "UnknownUser",
     "UsageError",
+    "UserRecord",
     "UsernameClaim",
     "UsernameTaken",
     "check_username",

@@ -45,8 +45,15 @@ class HybridLogicalClock:
         """A new timestamp for a local event (a post, a follow, ...)."""
         return self._advance(self._last, self._physical_ms())
 
-    def observe(self, remote: HybridTimestamp) -> HybridTimestamp:
+    def observe(
+        self, remote: HybridTimestamp, *, trusted: bool = False
+    ) -> HybridTimestamp:
         """Merge a timestamp received from another node.
+
+        Args:
+            remote: The timestamp received.
+            trusted: Skip the drift check: `remote` comes from a trusted
+                source, such as a record this user signed earlier elsewhere.
 
         Returns:
             The clock's new timestamp, which orders after `remote`.
@@ -56,7 +63,7 @@ class HybridLogicalClock:
                 physical clock; the clock is left unchanged.
         """
         physical = self._physical_ms()
-        if remote.physical_ms > physical + self._max_drift_ms:
+        if not trusted and remote.physical_ms > physical + self._max_drift_ms:
             raise InvalidRecord(
                 f"timestamp {remote.physical_ms - physical} ms in the future"
             )

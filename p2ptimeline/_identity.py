@@ -157,6 +157,13 @@ def verify(public_key: bytes, data: bytes, signature: bytes) -> None:
     """
     if len(signature) != SIGNATURE_SIZE:
         raise InvalidSignature("malformed signature")
+    _verify_once(public_key, data, signature)
+
+
+@functools.lru_cache(maxsize=16384)
+def _verify_once(public_key: bytes, data: bytes, signature: bytes) -> None:
+    # Registry reads see the same entries from several replicas: remember the
+    # triples that verified (failures raise, and are not cached).
     try:
         _load_public_key(public_key).verify(signature, data)
     except (_CryptoInvalidSignature, ValueError):

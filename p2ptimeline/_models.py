@@ -64,7 +64,9 @@ def _uint(bits: int) -> Any:
     return check
 
 
-def _sized_bytes(size: int) -> Any:
+def sized_bytes(size: int) -> Any:
+    """attrs validator: exactly `size` bytes."""
+
     def check(_: object, attribute: attrs.Attribute[bytes], value: object) -> None:
         if type(value) is not bytes or len(value) != size:
             raise ValueError(f"{attribute.name}: want {size} bytes")
@@ -163,7 +165,7 @@ class Post(_Signed):
 
     DOMAIN: ClassVar[str] = "p2ptimeline/post/1"
 
-    id: bytes = attrs.field(validator=_sized_bytes(32), metadata=_UNSIGNED)
+    id: bytes = attrs.field(validator=sized_bytes(32), metadata=_UNSIGNED)
     """SHA-256 of the signed payload; unique per post."""
     author: str = attrs.field(validator=_username)
     """Username of the author."""
@@ -174,7 +176,7 @@ class Post(_Signed):
     )
     """When the author posted it, on the author's hybrid logical clock."""
     signature: bytes = attrs.field(
-        validator=_sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
+        validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
     )
     """The author's Ed25519 signature of the signed payload."""
 
@@ -244,7 +246,7 @@ class UsernameClaim(_SelfSigned):
 
     username: str = attrs.field(validator=_username)
     """The claimed name."""
-    public_key: bytes = attrs.field(validator=_sized_bytes(PUBLIC_KEY_SIZE))
+    public_key: bytes = attrs.field(validator=sized_bytes(PUBLIC_KEY_SIZE))
     """The owner's Ed25519 public key."""
     sealed_key: bytes = attrs.field(
         validator=[_exact(bytes), _max_len(MAX_SEALED_KEY_SIZE)], repr=False
@@ -253,7 +255,7 @@ class UsernameClaim(_SelfSigned):
     seq: int = attrs.field(validator=_uint(63))
     """Version of this claim; higher replaces lower."""
     signature: bytes = attrs.field(
-        validator=_sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
+        validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
     )
     """Signature by `public_key`."""
 
@@ -283,7 +285,7 @@ class Presence(_SelfSigned):
 
     DOMAIN: ClassVar[str] = "p2ptimeline/presence/1"
 
-    public_key: bytes = attrs.field(validator=_sized_bytes(PUBLIC_KEY_SIZE))
+    public_key: bytes = attrs.field(validator=sized_bytes(PUBLIC_KEY_SIZE))
     """The user's public key (the record is keyed by it)."""
     host: str = attrs.field(validator=[_exact(str), _max_len(253)])
     """Host the user's peer listens on (TCP)."""
@@ -296,7 +298,7 @@ class Presence(_SelfSigned):
     seq: int = attrs.field(validator=_uint(63))
     """Version of this record; higher replaces lower."""
     signature: bytes = attrs.field(
-        validator=_sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
+        validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
     )
     """Signature by `public_key`."""
 
@@ -346,11 +348,11 @@ class FollowEntry(_Signed):
 
     follower: str = attrs.field(validator=_username)
     """Username of the user who follows."""
-    follower_key: bytes = attrs.field(validator=_sized_bytes(PUBLIC_KEY_SIZE))
+    follower_key: bytes = attrs.field(validator=sized_bytes(PUBLIC_KEY_SIZE))
     """Public key of the follower; it signs the entry."""
     followee: str = attrs.field(validator=_username)
     """Username of the user who is followed."""
-    followee_key: bytes = attrs.field(validator=_sized_bytes(PUBLIC_KEY_SIZE))
+    followee_key: bytes = attrs.field(validator=sized_bytes(PUBLIC_KEY_SIZE))
     """Public key of the followee."""
     following: bool = attrs.field(validator=_exact(bool))
     """True for a follow, false for an unfollow."""
@@ -359,7 +361,7 @@ class FollowEntry(_Signed):
     )
     """When it happened, on the follower's hybrid logical clock."""
     signature: bytes = attrs.field(
-        validator=_sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
+        validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
     )
     """Signature by `follower_key`."""
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import io
 import json
 import types
@@ -62,11 +61,16 @@ class Serializer(Protocol):
         ...
 
 
+Converter = Callable[[Any], Any]
+
+
 class _Tree:
     """Converts `attrs` instances to trees of plain values and back.
 
     The tree uses dicts keyed by field name, lists, and scalars. How bytes
     appear in it is up to the encoding (CBOR has bytes, JSON does not).
+    Converters are built once per type from its type hints, so that the
+    registry's many small decodes stay cheap.
     """
 
     def __init__(
@@ -74,67 +78,140 @@ class _Tree:
     ) -> None:
         self._bytes_out = bytes_out
         self._bytes_in = bytes_in
+        self._encoders: dict[Any, Converter] = {}
+        self._decoders: dict[Any, Converter] = {}
 
     def to_plain(self, value: Any) -> Any:
-        if attrs.has(type(value)):
-            return {
-                field.name: self.to_plain(getattr(value, field.name))
-                for field in attrs.fields(type(value))
-            }
-        if isinstance(value, tuple | list | frozenset):
-            return [self.to_plain(item) for item in value]
-        if isinstance(value, bytes):
-            return self._bytes_out(value)
-        return value
+        """The plain tree of an instance of an `attrs` class."""
+        return self._encoder(type(value))(value)
 
-    def from_plain(self, kind: Any, data: Any, path: str = "$") -> Any:
-        origin = typing.get_origin(kind)
+    def from_plain(self, kind: Any, data: Any) -> Any:
+        """Build a `kind` from a plain tree; raises `DecodeError` if it does not fit."""
+        return self._decoder(kind)(data)
+
+    def _encoder(self, kind: Any) -> Converter:
+        encoder = self._encoders.get(kind)
+        if encoder is None:
+            encoder = self._encoders[kind] = self._make_encoder(kind)
+        return encoder
+
+    def _decoder(self, kind: Any) -> Converter:
+        decoder = self._decoders.get(kind)
+        if decoder is None:
+            decoder = self._decoders[kind] = self._make_decoder(kind)
+        return decoder
+
+    def _make_encoder(self, kind: Any) -> Converter:
         if attrs.has(kind):
-            return self._from_plain_attrs(kind, data, path)
-        if origin is types.UnionType or origin is typing.Union:
-            for option in typing.get_args(kind):
-                if option is type(None) and data is None:
-                    return None
-            (inner,) = (a for a in typing.get_args(kind) if a is not type(None))
-            return self.from_plain(inner, data, path)
-        if origin is tuple or origin is frozenset:
-            if type(data) is not list:
-                raise DecodeError(f"{path}: want a list")
-            item_kind = typing.get_args(kind)[0]
-            items = (self.from_plain(item_kind, x, f"{path}[]") for x in data)
-            return origin(items)
+            fields = [(name, self._encoder(hint)) for name, hint in _hints(kind)]
+            return lambda v: {name: enc(getattr(v, name)) for name, enc in fields}
+        item = _optional_of(kind)
+        if item is not None:
+            inner = self._encoder(item)
+            return lambda v: None if v is None else inner(v)
+        item = _collection_of(kind)
+        if item is not None:
+            inner = self._encoder(item)
+            return lambda v: [inner(x) for x in v]
         if kind is bytes:
+            return self._bytes_out
+        return _identity
+
+    def _make_decoder(self, kind: Any) -> Converter:
+        name = getattr(kind, "__name__", str(kind))
+        if attrs.has(kind):
+            return self._make_attrs_decoder(kind)
+        item = _optional_of(kind)
+        if item is not None:
+            inner = self._decoder(item)
+            return lambda data: None if data is None else inner(data)
+        item = _collection_of(kind)
+        if item is not None:
+            inner, build = self._decoder(item), typing.get_origin(kind)
+
+            def decode_collection(data: Any) -> Any:
+                if type(data) is not list:
+                    raise DecodeError(f"want a list of {item.__name__}")
+                return build(inner(x) for x in data)
+
+            return decode_collection
+        if kind is bytes:
+            bytes_in = self._bytes_in
+
+            def decode_bytes(data: Any) -> bytes:
+                try:
+                    return bytes_in(data)
+                except (TypeError, ValueError, binascii.Error) as exc:
+                    raise DecodeError("want bytes") from exc
+
+            return decode_bytes
+        if kind is float:
+            return lambda data: _exact(data, (float, int), name, float)
+        if kind is str:
+            return lambda data: _exact(data, (str,), name, _encodable)
+        return lambda data: _exact(data, (kind,), name, _identity)
+
+    def _make_attrs_decoder(self, kind: Any) -> Converter:
+        fields = {name: self._decoder(hint) for name, hint in _hints(kind)}
+
+        def decode_attrs(data: Any) -> Any:
+            if type(data) is not dict:
+                raise DecodeError(f"want a map for {kind.__name__}")
             try:
-                return self._bytes_in(data)
-            except (TypeError, ValueError, binascii.Error) as exc:
-                raise DecodeError(f"{path}: want bytes") from exc
-        if kind in (int, str, bool) and type(data) is kind:
-            return data
-        if kind is float and type(data) in (float, int):
-            return float(data)
-        raise DecodeError(f"{path}: want {getattr(kind, '__name__', kind)}")
+                values = {name: fields[name](value) for name, value in data.items()}
+            except KeyError as exc:
+                raise DecodeError(f"{kind.__name__}: unknown field {exc}") from None
+            except DecodeError as exc:
+                raise DecodeError(f"{kind.__name__}: {exc}") from None
+            try:
+                return kind(**values)
+            except (TypeError, ValueError) as exc:
+                raise DecodeError(f"invalid {kind.__name__}: {exc}") from exc
 
-    def _from_plain_attrs(self, kind: Any, data: Any, path: str) -> Any:
-        if type(data) is not dict:
-            raise DecodeError(f"{path}: want a map for {kind.__name__}")
-        hints = _field_types(kind)
-        unknown = data.keys() - hints.keys()
-        if unknown:
-            raise DecodeError(f"{path}: unknown fields {sorted(map(str, unknown))}")
-        values = {
-            name: self.from_plain(hints[name], value, f"{path}.{name}")
-            for name, value in data.items()
-        }
+        return decode_attrs
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _exact(data: Any, kinds: tuple[type, ...], name: str, then: Converter) -> Any:
+    if type(data) not in kinds:
+        raise DecodeError(f"want {name}")
+    return then(data)
+
+
+def _encodable(text: str) -> str:
+    """`text` if it is valid Unicode (JSON can smuggle lone surrogates in)."""
+    if not text.isascii():
         try:
-            return kind(**values)
-        except (TypeError, ValueError) as exc:
-            raise DecodeError(f"{path}: invalid {kind.__name__}: {exc}") from exc
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DecodeError("want valid Unicode text") from None
+    return text
 
 
-@functools.cache
-def _field_types(kind: Any) -> dict[str, Any]:
+def _hints(kind: Any) -> list[tuple[str, Any]]:
     hints = typing.get_type_hints(kind)
-    return {field.name: hints[field.name] for field in attrs.fields(kind) if field.init}
+    return [
+        (field.name, hints[field.name]) for field in attrs.fields(kind) if field.init
+    ]
+
+
+def _optional_of(kind: Any) -> Any:
+    """X for ``X | None``, else None."""
+    if typing.get_origin(kind) in (types.UnionType, typing.Union):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(kind)) == 2:
+            return args[0]
+    return None
+
+
+def _collection_of(kind: Any) -> Any:
+    """X for ``tuple[X, ...]`` or ``frozenset[X]``, else None."""
+    if typing.get_origin(kind) in (tuple, frozenset):
+        return typing.get_args(kind)[0]
+    return None
 
 
 def _reject_tag(decoder: cbor2.CBORDecoder) -> Any:

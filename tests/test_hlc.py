@@ -73,6 +73,7 @@ def test_far_future_remote_is_refused() -> None:
         hlc.observe(ts(1501))
     assert hlc.last == ts(1000)
     assert hlc.observe(ts(1500)) == ts(1500, 1)
+    assert hlc.observe(ts(9999), trusted=True) == ts(9999, 1)
 
 
 def test_logical_overflow_borrows_next_millisecond() -> None:

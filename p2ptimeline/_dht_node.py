@@ -1,0 +1,258 @@
+"""`DhtNode`: kademlia's `Server`, reading and writing validated registry values."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import socket
+import time
+from typing import Any
+
+from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
+from kademlia.network import Server
+from kademlia.node import Node
+
+from ._dht_protocol import RecordStorage, RegistryProtocol, StoreReply, decode_value
+from ._errors import DecodeError, InvalidRecord, RegistryUnavailable
+from ._records import RegistryValue
+from ._serializer import Serializer
+
+__all__ = ["DhtNode", "Replica"]
+
+log = logging.getLogger("p2ptimeline.dht")
+
+_RECEIVE_BUFFER = 4 * 1024 * 1024
+_LOOKUP_TTL = 5.0  # seconds a write reuses the result of a node lookup
+
+Replica = tuple[Node | None, RegistryValue | None]
+"""One node's answer for a key (node None: this node's own storage), the
+value None when it holds nothing valid."""
+
+
+class _ValueCrawl(SpiderCrawl):  # type: ignore[misc]  # untyped base class
+    """Finds the replicas of a value among the nodes closest to its key.
+
+    Unlike kademlia's `ValueSpiderCrawl`, which returns the first value it
+    meets, it keeps crawling until the `quorum` closest nodes it knows have
+    all answered, and returns every answer: the caller picks the newest.
+    """
+
+    protocol: RegistryProtocol
+
+    def __init__(
+        self,
+        protocol: RegistryProtocol,
+        node: Node,
+        peers: list[Node],
+        ksize: int,
+        alpha: int,
+        quorum: int,
+    ) -> None:
+        super().__init__(protocol, node, peers, ksize, alpha)
+        self.quorum = quorum
+        self.answers: dict[bytes, tuple[Node, bytes | None]] = {}
+
+    async def find(self) -> dict[bytes, tuple[Node, bytes | None]]:
+        return await self._find(self.protocol.call_find_value)  # type: ignore[no-any-return]
+
+    async def _nodes_found(
+        self, responses: dict[bytes, tuple[bool, Any]]
+    ) -> dict[bytes, tuple[Node, bytes | None]]:
+        failed = []
+        for peer_id, (answered, data) in responses.items():
+            peer = self.nearest.get_node(peer_id)
+            if not answered or peer is None:
+                failed.append(peer_id)
+                continue
+            value, nodes = data
+            self.answers[peer_id] = (peer, value)
+            self.nearest.push([Node(*n) for n in nodes])
+        self.nearest.remove(failed)
+        closest = list(self.nearest)[: self.quorum]
+        if self.nearest.have_contacted_all() or all(
+            n.id in self.answers for n in closest
+        ):
+            return self.answers
+        return await self.find()
+
+
+class DhtNode(Server):  # type: ignore[misc]  # untyped base class
+    """kademlia's `Server` with the registry's protocol and storage.
+
+    It adds typed reads and writes of `RegistryValue`s: a read collects the
+    answers of the closest nodes (validated, invalid ones dropped), a write
+    stores on the `ksize` closest nodes and reports each one's outcome.
+    """
+
+    protocol: RegistryProtocol
+    storage: RecordStorage
+
+    def __init__(
+        self,
+        *,
+        ksize: int,
+        alpha: int,
+        serializer: Serializer,
+        storage: RecordStorage,
+        rpc_timeout: float,
+    ) -> None:
+        super().__init__(ksize=ksize, alpha=alpha)
+        self.storage = storage  # not via __init__: it tests `storage or ...`
+        self.serializer = serializer
+        self.rpc_timeout = rpc_timeout
+        # key -> (when, closest nodes): writes to one key in a burst (a big
+        # follow set filling up) share one lookup.
+        self._lookups: collections.OrderedDict[bytes, tuple[float, list[Node]]] = (
+            collections.OrderedDict()
+        )
+
+    def _create_protocol(self) -> RegistryProtocol:
+        return RegistryProtocol(
+            self.node, self.storage, self.ksize, wait_timeout=self.rpc_timeout
+        )
+
+    async def listen(self, port: int, interface: str = "0.0.0.0") -> None:
+        await super().listen(port, interface)
+        # A node answers bursts of requests; the default receive buffer
+        # (~200 KB) drops datagrams under load. The kernel caps this at
+        # net.core.rmem_max.
+        sock = self.transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RECEIVE_BUFFER)
+
+    def refresh_table(self, interval: float = 3600) -> None:
+        # kademlia schedules this with call_later and an unowned task; the
+        # registry calls `_refresh_table` from its own maintenance task.
+        pass
+
+    async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
+        answered, node_id = await self.protocol.call(
+            addr, "ping", self.node.id, force=True
+        )
+        if answered and isinstance(node_id, bytes) and len(node_id) == 20:
+            return Node(node_id, addr[0], addr[1])
+        return None
+
+    async def _refresh_table(self) -> None:
+        results = []
+        for node_id in self.protocol.get_refresh_ids():
+            node = Node(node_id)
+            nearest = self.protocol.router.find_neighbors(node, self.alpha)
+            spider = NodeSpiderCrawl(
+                self.protocol, node, nearest, self.ksize, self.alpha
+            )
+            results.append(spider.find())
+        await asyncio.gather(*results)
+        # Republish what has not been written for an hour (paper, section 2.5).
+        for key, raw in self.storage.iter_older_than(3600):
+            if self.has_neighbors():
+                await self._store_everywhere(key, raw)
+
+    def has_neighbors(self) -> bool:
+        """Whether the routing table holds any node."""
+        return any(len(bucket) for bucket in self.protocol.router.buckets)
+
+    async def read(self, key: bytes, quorum: int) -> list[Replica]:
+        """Every valid answer for `key`, from the closest nodes and from here.
+
+        The lookup ends once the `quorum` closest nodes it knows of answered.
+
+        Raises:
+            RegistryUnavailable: No other node is known.
+        """
+        if not self.has_neighbors():
+            raise RegistryUnavailable("no DHT node is reachable")
+        target = Node(key)
+        answers: list[tuple[Node | None, bytes | None]] = [
+            (None, self.storage.get(key))
+        ]
+        nearest = self.protocol.router.find_neighbors(target)
+        crawl = _ValueCrawl(
+            self.protocol, target, nearest, self.ksize, self.alpha, quorum
+        )
+        answers.extend((await crawl.find()).values())
+        replicas: list[Replica] = []
+        for node, raw in answers:
+            value = None
+            if raw is not None:
+                try:
+                    value = decode_value(self.serializer, key, raw)
+                except (DecodeError, InvalidRecord) as exc:
+                    log.info("ignored an invalid value from %s: %s", node, exc)
+            replicas.append((node, value))
+        return replicas
+
+    async def write(
+        self, key: bytes, value: RegistryValue
+    ) -> list[tuple[Node | None, StoreReply | None]]:
+        """Store `value` on the nodes closest to `key` (and here, if close).
+
+        Returns each node's reply (None: no answer; node None: this node).
+
+        Raises:
+            RegistryUnavailable: No other node is known, or none answered.
+        """
+        if not self.has_neighbors():
+            raise RegistryUnavailable("no DHT node is reachable")
+        replies = await self._store_everywhere(key, self.serializer.encode(value))
+        if not any(reply for node, reply in replies if node is not None):
+            raise RegistryUnavailable("no DHT node answered the write")
+        return replies
+
+    async def _store_everywhere(
+        self, key: bytes, raw: bytes
+    ) -> list[tuple[Node | None, StoreReply | None]]:
+        target = Node(key)
+        nodes = await self._closest_nodes(target)
+        replies: list[tuple[Node | None, StoreReply | None]] = []
+        if len(nodes) < self.ksize or self.node.distance_to(target) < max(
+            n.distance_to(target) for n in nodes
+        ):
+            replies.append((None, self.storage.offer(key, raw)))
+        answers = await asyncio.gather(
+            *(self.protocol.call_store(n, key, raw) for n in nodes)
+        )
+        replies.extend(zip(nodes, answers, strict=True))
+        if None in answers:  # someone left: look again next time
+            self._lookups.pop(key, None)
+        return replies
+
+    async def _closest_nodes(self, target: Node) -> list[Node]:
+        cached = self._lookups.get(target.id)
+        if cached is not None and time.monotonic() - cached[0] < _LOOKUP_TTL:
+            return cached[1]
+        nearest = self.protocol.router.find_neighbors(target)
+        spider = NodeSpiderCrawl(self.protocol, target, nearest, self.ksize, self.alpha)
+        nodes: list[Node] = await spider.find()
+        self._lookups[target.id] = (time.monotonic(), nodes)
+        self._lookups.move_to_end(target.id)
+        while len(self._lookups) > 1024:
+            self._lookups.popitem(last=False)
+        return nodes
+
+    def repair(
+        self, key: bytes, value: RegistryValue, replicas: list[Node | None]
+    ) -> None:
+        """Write `value` back to stale replicas (read repair), in the background."""
+        raw = self.serializer.encode(value)
+        for node in replicas:
+            if node is None:
+                self.storage.offer(key, raw)
+            else:
+                self.protocol.spawn(self.protocol.call_store(node, key, raw))
+
+    def repair_if_stale(
+        self, key: bytes, best: RegistryValue, replicas: list[Replica]
+    ) -> None:
+        """Repair the replicas that do not hold exactly `best`."""
+        stale = [node for node, value in replicas if value != best]
+        if stale:
+            self.repair(key, best, stale)
+
+    async def close(self) -> None:
+        """Close the socket and stop the node's tasks. Idempotent."""
+        if self.protocol is not None:
+            await self.protocol.close()
+        self.stop()

@@ -1,0 +1,475 @@
+"""DhtRegistry on real multi-node networks over UDP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+import time
+
+import attrs
+import pytest
+from conftest import NetworkFactory
+from kademlia.network import Server
+
+import p2ptimeline as pt
+from p2ptimeline._records import (
+    RegistryValue,
+    SetShard,
+    claim_key,
+    presence_key,
+    shard_key,
+)
+from p2ptimeline.testing import eventually
+
+SEALED = b"sealed-key-placeholder"
+
+
+async def register(node: pt.DhtRegistry, name: str) -> pt.Identity:
+    identity = pt.Identity.generate()
+    await node.claim_username(name, identity, SEALED)
+    return identity
+
+
+async def test_read_after_write_from_every_node(network: NetworkFactory) -> None:
+    """In a 50-node network, every node reads the claim and presence just written."""
+    nodes = await network(50)
+    alice = await register(nodes[7], "alice")
+    await nodes[7].set_presence("alice", alice, ("127.0.0.1", 9001), online=True)
+    records = await asyncio.gather(*(node.get_user("alice") for node in nodes))
+    for record in records:
+        assert record is not None
+        assert record.public_key == alice.public_key
+        assert record.address == ("127.0.0.1", 9001)
+        assert record.online
+    # A new version written elsewhere is what everyone reads next.
+    await nodes[31].set_presence("alice", alice, ("127.0.0.1", 9002), online=True)
+    records = await asyncio.gather(*(node.get_user("alice") for node in nodes))
+    assert {r.address for r in records if r} == {("127.0.0.1", 9002)}
+
+
+async def test_unknown_user_and_invalid_names(network: NetworkFactory) -> None:
+    """Unregistered names read as None; invalid names are a usage error."""
+    nodes = await network(5)
+    assert await nodes[1].get_user("nobody") is None
+    with pytest.raises(pt.UnknownUser):
+        await nodes[1].get_followers("nobody")
+    with pytest.raises(pt.UsageError):
+        await nodes[1].get_user("Not A Name")
+    alice = await register(nodes[0], "alice")
+    with pytest.raises(pt.UnknownUser):
+        await nodes[2].follow("alice", "nobody", alice)
+
+
+async def test_a_taken_name_cannot_be_claimed(network: NetworkFactory) -> None:
+    """A second key claiming a name gets UsernameTaken; the owner may re-seal."""
+    nodes = await network(10)
+    alice = await register(nodes[1], "alice")
+    with pytest.raises(pt.UsernameTaken):
+        await register(nodes[5], "alice")
+    claim = await nodes[6].claim_username("alice", alice, b"new-sealed-key")
+    assert claim.seq == 1
+    record = await nodes[9].get_user("alice")
+    assert record is not None
+    assert record.sealed_key == b"new-sealed-key"
+
+
+async def test_concurrent_claims_have_one_winner(network: NetworkFactory) -> None:
+    """Two keys claiming one name at once: one succeeds, and every reader agrees."""
+    nodes = await network(20)
+    identities = [pt.Identity.generate() for _ in range(2)]
+    results = await asyncio.gather(
+        nodes[3].claim_username("bob", identities[0], SEALED),
+        nodes[14].claim_username("bob", identities[1], SEALED),
+        return_exceptions=True,
+    )
+    winners = [r for r in results if isinstance(r, pt.UsernameClaim)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, pt.UsernameClaim | pt.UsernameTaken) for r in results)
+    records = await asyncio.gather(*(node.get_user("bob") for node in nodes))
+    assert {r.public_key for r in records if r} == {winners[0].public_key}
+
+
+async def test_hundred_concurrent_follows_are_all_kept(network: NetworkFactory) -> None:
+    """100 users following one user at the same moment make 100 followers."""
+    nodes = await network(20)
+    await register(nodes[0], "star")
+    fans = [pt.Identity.generate() for _ in range(100)]
+    await asyncio.gather(
+        *(
+            nodes[i % 19 + 1].claim_username(f"fan{i}", fan, SEALED)
+            for i, fan in enumerate(fans)
+        )
+    )
+    await asyncio.gather(
+        *(nodes[i % 19 + 1].follow(f"fan{i}", "star", f) for i, f in enumerate(fans))
+    )
+    expected = {f"fan{i}" for i in range(100)}
+    for node in random.Random(1).sample(nodes, 4):
+        assert await node.get_followers("star") == expected
+    for i in (0, 42, 99):
+        assert await nodes[(i * 7) % 20].get_following(f"fan{i}") == {"star"}
+
+
+async def test_unfollow_after_follow_wins(network: NetworkFactory) -> None:
+    """An unfollow after a follow wins, even from a peer whose clock is behind."""
+    nodes = await network(10)
+    await register(nodes[0], "star")
+    fan = await register(nodes[1], "fan")
+    await nodes[1].follow("fan", "star", fan)
+    assert await nodes[5].get_followers("star") == {"fan"}
+    # The same user, logged in on a peer whose clock is ten minutes slow.
+    slow = pt.DhtRegistry(ksize=8, clock=lambda: time.time() - 600)
+    await slow.start("127.0.0.1", 0, bootstrap=[nodes[0].address])
+    try:
+        await slow.unfollow("fan", "star", fan)
+        assert await nodes[6].get_followers("star") == frozenset()
+        assert await nodes[7].get_following("fan") == frozenset()
+        await nodes[2].follow("fan", "star", fan)
+        assert await slow.get_followers("star") == {"fan"}
+    finally:
+        await slow.stop()
+
+
+async def test_racing_follow_and_unfollow_agree_everywhere(
+    network: NetworkFactory,
+) -> None:
+    """A follow and an unfollow racing from two peers resolve to the later one."""
+    nodes = await network(12)
+    await register(nodes[0], "star")
+    fans = {f"fan{i}": await register(nodes[i % 11 + 1], f"fan{i}") for i in range(10)}
+    results = await asyncio.gather(
+        *(
+            call
+            for i, (name, fan) in enumerate(fans.items())
+            for call in (
+                nodes[i % 11 + 1].follow(name, "star", fan),
+                nodes[(i + 5) % 11 + 1].unfollow(name, "star", fan),
+            )
+        )
+    )
+    latest = {}
+    for entry in results:
+        if entry.follower not in latest or entry.supersedes(latest[entry.follower]):
+            latest[entry.follower] = entry
+    expected = {name for name, entry in latest.items() if entry.following}
+    for node in nodes[:4]:
+        assert await node.get_followers("star") == expected
+
+
+async def test_presence_lease_crash_and_logout(network: NetworkFactory) -> None:
+    """A renewed lease stays online; a crash lapses it; a logout ends it at once."""
+    nodes = await network(8, lease=1.0)
+    alice = await register(nodes[1], "alice")
+    bob = await register(nodes[2], "bob")
+    await nodes[1].set_presence("alice", alice, ("127.0.0.1", 1111), online=True)
+    await nodes[2].set_presence("bob", bob, ("127.0.0.1", 2222), online=True)
+    # Renewal keeps alice online well past one lease.
+    started = time.monotonic()
+    while time.monotonic() - started < 2.5:
+        record = await nodes[5].get_user("alice")
+        assert record is not None
+        assert record.online
+        await asyncio.sleep(0.25)  # reads spread over several leases
+    # bob logs out: offline at once.
+    await nodes[2].set_presence("bob", bob, ("127.0.0.1", 2222), online=False)
+    record = await nodes[6].get_user("bob")
+    assert record is not None
+    assert not record.online
+    # alice's peer crashes (its node stops without logging out).
+    await nodes[1].stop()
+
+    async def alice_offline() -> bool:
+        record = await nodes[5].get_user("alice")
+        return record is not None and not record.online
+
+    deadline = time.monotonic() + 5
+    while not await alice_offline():
+        assert time.monotonic() < deadline, "alice still reads online"
+        await asyncio.sleep(0.1)
+
+
+async def test_set_presence_needs_the_owner(network: NetworkFactory) -> None:
+    """Only the name's owner can publish its presence."""
+    nodes = await network(5)
+    await register(nodes[1], "alice")
+    mallory = await register(nodes[2], "mallory")
+    with pytest.raises(pt.AuthError):
+        await nodes[2].set_presence("alice", mallory, ("127.0.0.1", 6666), True)
+    with pytest.raises(pt.AuthError):
+        await nodes[2].follow("alice", "mallory", mallory)
+
+
+async def test_records_survive_thirty_percent_of_nodes_dying(
+    network: NetworkFactory,
+) -> None:
+    """With 30% of the nodes killed, records written before are still readable."""
+    nodes = await network(30, rpc_timeout=0.5)
+    identities = {}
+    for i in range(10):
+        identities[f"user{i}"] = await register(nodes[i + 1], f"user{i}")
+    for i in range(1, 10):
+        await nodes[i + 1].follow(f"user{i}", "user0", identities[f"user{i}"])
+    victims = random.Random(3).sample(nodes[1:], 9)
+    await asyncio.gather(*(victim.stop() for victim in victims))
+    survivors = [n for n in nodes if n not in victims]
+
+    async def check(node: pt.DhtRegistry) -> None:
+        for name, identity in identities.items():
+            record = await node.get_user(name)
+            assert record is not None
+            assert record.public_key == identity.public_key
+        assert await node.get_followers("user0") == {f"user{i}" for i in range(1, 10)}
+
+    await asyncio.gather(*(check(node) for node in survivors[:6]))
+
+
+async def test_garbage_datagrams_do_not_stop_a_node(network: NetworkFactory) -> None:
+    """Garbage, truncated and huge datagrams are dropped; the node keeps serving."""
+    nodes = await network(4)
+    alice = await register(nodes[0], "alice")
+    target = nodes[1].address
+    rng = random.Random(5)
+    junk = [
+        b"",
+        b"\x00",
+        b"\x00" + bytes(20),
+        b"\x00" + bytes(20) + b"\xc1",  # msgpack's never-used byte
+        b"\x00" + bytes(20) + b"\x92\xa5store\x93\x01\x02\x03",  # wrong arg types
+        b"\x00" + bytes(20) + b"\x92\xa4nope\x90",  # unknown RPC
+        b"\x00" + bytes(20) + b"\x92\xa4ping\x90",  # missing arguments
+        b"\x01" + bytes(20) + b"\x90",  # a response nobody asked for
+        b"\x07" + bytes(30),  # unknown kind
+        b"\x00" + bytes(20) + b"\x91" * 5000,  # deep nesting
+        bytes(60000),  # oversized
+    ] + [rng.randbytes(rng.randrange(1, 2000)) for _ in range(200)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for datagram in junk:
+            sock.sendto(datagram, target)
+    record = await nodes[1].get_user("alice")
+    assert record is not None
+    assert record.public_key == alice.public_key
+    # The node still answers other nodes' requests: a write through it works.
+    bob = await register(nodes[1], "bob")
+    record = await nodes[3].get_user("bob")
+    assert record is not None
+    assert record.public_key == bob.public_key
+
+
+async def test_stop_is_idempotent_and_frees_the_port(network: NetworkFactory) -> None:
+    """stop() twice is fine; the UDP port is free again afterwards."""
+    node = pt.DhtRegistry()
+    await node.start("127.0.0.1", 0)
+    host, port = node.address
+    await node.stop()
+    await node.stop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, port))
+    with pytest.raises(pt.UsageError):
+        node.address  # noqa: B018
+
+
+async def test_unreachable_bootstrap_is_registry_unavailable() -> None:
+    """With no reachable node, operations raise RegistryUnavailable, and joining
+    later (when the bootstrap node comes up) works."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        free_port = sock.getsockname()[1]
+    node = pt.DhtRegistry(rpc_timeout=0.2)
+    await node.start("127.0.0.1", 0, bootstrap=[("127.0.0.1", free_port)])
+    boot = pt.DhtRegistry()
+    try:
+        with pytest.raises(pt.RegistryUnavailable):
+            await node.get_user("alice")
+        await boot.start("127.0.0.1", free_port)
+        await eventually(lambda: bool(node.neighbors()), within=15)
+        assert await node.get_user("alice") is None
+    finally:
+        await node.stop()
+        await boot.stop()
+
+
+def stored(node: pt.DhtRegistry, key: bytes) -> RegistryValue | None:
+    """What `node` holds under `key` (its own storage, not a lookup)."""
+    assert node._node is not None
+    return node._node.storage.value(key)
+
+
+async def test_forged_writes_from_a_plain_kademlia_client_are_refused(
+    network: NetworkFactory,
+) -> None:
+    """Garbage, forged, squatting, replayed and oversized writes sent by a plain
+    kademlia node are refused by every storage node and never read back."""
+    nodes = await network(12)
+    alice = await register(nodes[1], "alice")
+    carol = await register(nodes[2], "carol")
+    mallory = pt.Identity.generate()
+    await nodes[1].set_presence("alice", alice, ("127.0.0.1", 1001), online=True)
+    old_presence = (await nodes[3].get_user("alice")).presence  # type: ignore[union-attr]
+    await nodes[1].set_presence("alice", alice, ("127.0.0.1", 1002), online=True)
+
+    attacker = Server(ksize=8)
+    await attacker.listen(0, interface="127.0.0.1")
+    try:
+        await attacker.bootstrap([nodes[0].address])
+        serializer = pt.CborSerializer()
+        genuine_claim = await nodes[4].get_user("alice")
+        squat = pt.UsernameClaim.create(mallory, "alice", b"mine", seq=99)
+        tampered = attrs.evolve(squat, public_key=alice.public_key)
+        forged_name = pt.FollowEntry.create(
+            mallory,
+            follower="carol",  # carol never followed alice; mallory signs as carol
+            followee="alice",
+            followee_key=alice.public_key,
+            following=True,
+            timestamp=pt.HybridTimestamp(physical_ms=int(time.time() * 1000)),
+        )
+        bad_signature = attrs.evolve(forged_name, follower_key=carol.public_key)
+        followers_root = shard_key("followers", alice.public_key, "")
+        attacks = {
+            "garbage": (claim_key("alice"), b"\x00garbage\xff"),
+            "squatting claim": (
+                claim_key("alice"),
+                serializer.encode(RegistryValue(claim=squat)),
+            ),
+            "tampered claim": (
+                claim_key("alice"),
+                serializer.encode(RegistryValue(claim=tampered)),
+            ),
+            "replayed presence": (
+                presence_key(alice.public_key),
+                serializer.encode(RegistryValue(presence=old_presence)),
+            ),
+            "oversized": (claim_key("alice"), b"\xa0" * 7500),
+            "badly signed entry": (
+                followers_root,
+                serializer.encode(
+                    RegistryValue(
+                        shard=SetShard(
+                            relation="followers",
+                            owner_key=alice.public_key,
+                            prefix="",
+                            entries=(bad_signature,),
+                        )
+                    )
+                ),
+            ),
+        }
+        for key, raw in attacks.values():
+            await attacker.set_digest(key, raw)
+        # A validly signed entry that lies about the follower's name is kept
+        # by storage nodes (they cannot know every name), but no reader
+        # believes it.
+        shard = SetShard(
+            relation="followers",
+            owner_key=alice.public_key,
+            prefix="",
+            entries=(forged_name,),
+        )
+        await attacker.set_digest(
+            followers_root, serializer.encode(RegistryValue(shard=shard))
+        )
+
+        for node in nodes:
+            claim = stored(node, claim_key("alice"))
+            assert claim is None or claim.claim.public_key == alice.public_key  # type: ignore[union-attr]
+            presence = stored(node, presence_key(alice.public_key))
+            assert presence is None or presence.presence.port == 1002  # type: ignore[union-attr]
+            held = stored(node, followers_root)
+            assert held is None or bad_signature not in held.shard.entries  # type: ignore[union-attr]
+        for node in nodes[5:9]:  # the attacker also answers reads: still no effect
+            record = await node.get_user("alice")
+            assert record is not None
+            assert record.public_key == alice.public_key
+            assert record.sealed_key == genuine_claim.sealed_key  # type: ignore[union-attr]
+            assert record.address == ("127.0.0.1", 1002)
+            assert await node.get_followers("alice") == frozenset()
+    finally:
+        attacker.stop()
+
+
+def _hostile(node: pt.DhtRegistry, behaviour: str, replay: dict[str, bytes]) -> None:
+    """Make `node` answer lookups with garbage or stale records."""
+    assert node._node is not None
+    protocol = node._node.protocol
+    honest_find_value = protocol.rpc_find_value
+    rng = random.Random(behaviour)
+
+    def find_value(sender: tuple[str, int], nodeid: object, key: object) -> object:
+        honest = honest_find_value(sender, nodeid, key)
+        nodes = honest["nodes"] if isinstance(honest, dict) else honest
+        if behaviour == "random bytes":
+            return rng.randbytes(40)
+        if behaviour == "bad node list":
+            return [[b"short", "not an ip", -1], "x", None]
+        if behaviour == "garbage value":
+            return {"value": rng.randbytes(100), "nodes": nodes}
+        if behaviour == "stale records" and key in replay:
+            return {"value": replay[key], "nodes": nodes}
+        return {"value": b"\xa1\x63bad\x00", "nodes": [[b"x" * 20, "10.255.255.1", 9]]}
+
+    protocol._handlers["find_value"] = find_value
+    protocol._handlers["find_node"] = lambda *args: find_value(*args[:3])
+
+
+async def test_hostile_nodes_answering_lookups_cannot_break_reads(
+    network: NetworkFactory,
+) -> None:
+    """Nodes answering with garbage, bad node lists or old records do not change
+    what honest nodes read, and do not break their lookups."""
+    nodes = await network(24, rpc_timeout=0.5)
+    alice = await register(nodes[1], "alice")
+    bob = await register(nodes[2], "bob")
+    await nodes[1].set_presence("alice", alice, ("127.0.0.1", 1001), online=True)
+    serializer = pt.CborSerializer()
+    old = stored(nodes[0], presence_key(alice.public_key)) or (
+        RegistryValue(presence=(await nodes[0].get_user("alice")).presence)  # type: ignore[union-attr]
+    )
+    replay = {presence_key(alice.public_key): serializer.encode(old)}
+    await nodes[1].set_presence("alice", alice, ("127.0.0.1", 1002), online=True)
+    await nodes[2].follow("bob", "alice", bob)
+    behaviours = ["random bytes", "bad node list", "garbage value", "stale records"]
+    for i, node in enumerate(nodes[3:11]):
+        _hostile(node, behaviours[i % len(behaviours)], replay)
+    for node in nodes[11:]:
+        record = await node.get_user("alice")
+        assert record is not None
+        assert record.public_key == alice.public_key
+        assert record.address == ("127.0.0.1", 1002)
+        assert await node.get_followers("alice") == {"bob"}
+
+
+@pytest.mark.slow
+async def test_ten_thousand_followers_are_stored_and_listed(
+    network: NetworkFactory,
+) -> None:
+    """A user with 10,000 followers (far beyond one 8 KB datagram) has them all
+    listed, from a node that never saw them written."""
+    nodes = await network(8, ksize=4)
+    star = await register(nodes[1], "star")
+    fans = [pt.Identity.generate() for _ in range(10_000)]
+    slots = asyncio.Semaphore(128)
+
+    async def claim(i: int) -> None:
+        async with slots:
+            await nodes[i % 8].claim_username(f"fan{i}", fans[i], SEALED)
+
+    await asyncio.gather(*(claim(i) for i in range(len(fans))))
+    now = pt.HybridTimestamp(physical_ms=int(time.time() * 1000))
+    entries = [
+        pt.FollowEntry.create(
+            fan,
+            follower=f"fan{i}",
+            followee="star",
+            followee_key=star.public_key,
+            following=True,
+            timestamp=now,
+        )
+        for i, fan in enumerate(fans)
+    ]
+    # Each fan's follow, as `follow()` writes it into the star's set; in one
+    # batch here, to keep the test fast.
+    assert nodes[2]._sets is not None
+    await nodes[2]._sets.add("followers", star.public_key, entries)
+    followers = await nodes[6].get_followers("star")
+    assert followers == {f"fan{i}" for i in range(len(fans))}
