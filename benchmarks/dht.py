@@ -259,6 +259,7 @@ async def bench(
 
 
 def per_size(values: Sequence[int], sizes: Sequence[int], flag: str) -> list[int]:
+    """`values` of a flag given once for all sizes or once per size, per size."""
     if len(values) == 1:
         return list(values) * len(sizes)
     if len(values) != len(sizes):

@@ -5,6 +5,7 @@ registry of users, and posts travel peer to peer. Start with `Peer`.
 """
 
 from ._clock import DEFAULT_NTP_SERVERS, ClockSync
+from ._connection import Limits
 from ._errors import (
     AuthError,
     DecodeError,
@@ -14,6 +15,7 @@ from ._errors import (
     NotLoggedIn,
     P2PTimelineError,
     PeerUnreachable,
+    ProtocolError,
     RegistryUnavailable,
     RemoteError,
     StoreError,
@@ -34,10 +36,12 @@ from ._models import (
     UsernameClaim,
     check_username,
 )
+from ._peer import Notification, Peer, PeerConfig
 from ._registry import DhtRegistry, UserRecord
 from ._serializer import CborSerializer, JsonSerializer, Serializer
 from ._sqlite_store import SqliteStore
 from ._store import LocalStore, Relation, StoredIdentity
+from ._tree import DisseminationTree
 
 __version__ = "0.1.0.dev0"
 
@@ -50,6 +54,7 @@ __all__ = [
     "ClockSync",
     "DecodeError",
     "DhtRegistry",
+    "DisseminationTree",
     "FollowEntry",
     "HybridLogicalClock",
     "HybridTimestamp",
@@ -57,14 +62,19 @@ __all__ = [
     "InvalidRecord",
     "InvalidSignature",
     "JsonSerializer",
+    "Limits",
     "LocalStore",
     "MemoryStore",
     "NetworkError",
     "NotLoggedIn",
+    "Notification",
     "P2PTimelineError",
+    "Peer",
+    "PeerConfig",
     "PeerUnreachable",
     "Post",
     "Presence",
+    "ProtocolError",
     "RegistryUnavailable",
     "Relation",
     "RemoteError",

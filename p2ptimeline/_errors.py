@@ -12,6 +12,7 @@ P2PTimelineError
 │   └── RegistryUnavailable  no DHT node answered
 ├── RemoteError ·········· a remote party sent something wrong
 │   ├── DecodeError ······ bytes that are not a valid encoding
+│   ├── ProtocolError ···· a peer broke the peer protocol (bad frame, ...)
 │   └── InvalidRecord ···· well formed, but invalid (wrong key, too old, ...)
 │       └── InvalidSignature  a signature that does not verify
 └── StoreError ··········· the local store failed
@@ -33,6 +34,7 @@ __all__ = [
     "NotLoggedIn",
     "P2PTimelineError",
     "PeerUnreachable",
+    "ProtocolError",
     "RegistryUnavailable",
     "RemoteError",
     "StoreError",
@@ -84,6 +86,10 @@ class RemoteError(P2PTimelineError):
 
 class DecodeError(RemoteError):
     """Bytes could not be decoded into the expected value."""
+
+
+class ProtocolError(RemoteError):
+    """A peer broke the peer protocol: a malformed or oversized frame, ..."""
 
 
 class InvalidRecord(RemoteError):

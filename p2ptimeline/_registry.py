@@ -264,6 +264,28 @@ class DhtRegistry:
             online=presence is not None and presence.is_online(self._now_ms()),
         )
 
+    async def get_public_key(self, username: str) -> bytes | None:
+        """The public key bound to `username`, or None if it is not registered.
+
+        A name's key never changes once claimed, so this answers from a
+        cache when it can.
+
+        Raises:
+            UsageError: The name is invalid.
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        _check_name(username)
+        claim = await self._cached_claim(username)
+        return None if claim is None else claim.public_key
+
+    async def get_presence(self, public_key: bytes) -> Presence | None:
+        """The newest presence record of the user with `public_key`, if any.
+
+        Raises:
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        return await self._read_presence(public_key)
+
     async def set_presence(
         self,
         username: str,

@@ -13,11 +13,13 @@
 * `make_posts`: signed posts for tests.
 * `eventually`: poll a condition with a deadline, for states that no event
   announces.
+* `crash`: stop a `Peer` the way a killed process does: no goodbye.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,9 +28,17 @@ import ntplib
 
 from ._identity import Identity
 from ._models import HybridTimestamp, Post
+from ._peer import Peer
 from ._store import LocalStore, StoredIdentity
 
-__all__ = ["STORE_CHECKS", "NtpServer", "StoreCheck", "eventually", "make_posts"]
+__all__ = [
+    "STORE_CHECKS",
+    "NtpServer",
+    "StoreCheck",
+    "crash",
+    "eventually",
+    "make_posts",
+]
 
 StoreCheck = Callable[[LocalStore], Awaitable[None]]
 """One conformance check: given a fresh, open store, raises if it misbehaves."""
@@ -47,13 +57,29 @@ async def eventually(
 ) -> None:
     """Wait until `condition()` is true, polling every `every` seconds.
 
+    `condition` may be a plain or an async function.
+
     Raises:
         TimeoutError: It was still false after `within` seconds.
     """
     async with asyncio.timeout(within):
-        # Polling is the point here: the condition has no event to wait on.
-        while not condition():  # noqa: ASYNC110
+        while True:
+            result = condition()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            # Polling is the point here: the condition has no event to wait on.
             await asyncio.sleep(every)
+
+
+async def crash(peer: Peer) -> None:
+    """Stop `peer` abruptly, as if its process were killed.
+
+    Its sockets close without a logout, so the network only learns it is gone
+    when its presence lease lapses or a connection to it fails.
+    """
+    await peer._release()
 
 
 def make_posts(

@@ -1,0 +1,918 @@
+"""`Peer`: the timeline service for one user, composed of the other parts."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Literal, Self, TypeVar
+
+import attrs
+
+from ._clock import ClockSync
+from ._connection import ConnectionPool, Limits, PeerServer
+from ._directory import FollowerDirectory
+from ._errors import (
+    AuthError,
+    InvalidRecord,
+    NetworkError,
+    NotLoggedIn,
+    PeerUnreachable,
+    ProtocolError,
+    RegistryUnavailable,
+    RemoteError,
+    UnknownUser,
+    UsageError,
+)
+from ._hlc import HybridLogicalClock
+from ._identity import DEFAULT_LOG2_N, Identity
+from ._memory_store import MemoryStore
+from ._models import FollowEntry, HybridTimestamp, Post, Presence, check_username
+from ._registry import DhtRegistry
+from ._serializer import CborSerializer, Serializer
+from ._sqlite_store import SqliteStore
+from ._store import LocalStore, StoredIdentity
+from ._tree import DisseminationTree
+from ._wire import (
+    Ack,
+    FollowNotice,
+    GetPosts,
+    Message,
+    PostBatch,
+    PostPush,
+    PresenceNotice,
+    Refusal,
+    TreeMember,
+)
+
+__all__ = ["Notification", "Peer", "PeerConfig"]
+
+log = logging.getLogger("p2ptimeline.peer")
+
+T = TypeVar("T")
+
+_PAGE = 500  # posts per GetPosts reply
+_MAX_CATCH_UP = 100_000  # posts pulled of one author at most, per sync
+_PULL_SOURCES = 8  # followers tried as sources of an offline author's posts
+_CONCURRENCY = 16
+
+
+@attrs.frozen(kw_only=True)
+class PeerConfig:
+    """Tunable behaviour of a `Peer`; the defaults suit a real network."""
+
+    fanout: int = 2
+    """Arity k of dissemination trees: the author sends each post to k peers."""
+    retention: float | None = 7 * 24 * 3600.0
+    """Seconds a post is kept (None: forever). The seed used 5 minutes."""
+    keep_own_posts: bool = True
+    """Keep the user's own posts whatever their age."""
+    retention_interval: float = 300.0
+    """Seconds between runs of the retention policy while logged in."""
+    pull_interval: float = 30.0
+    """Seconds between pulls of missed posts from followees while logged in."""
+    push_tries: int = 3
+    """Tries to hand a post to a child in the tree before re-homing its subtree."""
+    push_backoff: float = 0.1
+    """Seconds before the second try; doubled before each further one."""
+    max_future_ms: int = 5 * 60 * 1000
+    """Posts stamped further than this in the future are refused."""
+    incoming_buffer: int = 1000
+    """Posts buffered per `incoming()` iterator; the oldest are dropped beyond."""
+    seal_cost: int = DEFAULT_LOG2_N
+    """scrypt cost exponent for sealing the private key (see `Identity.seal`)."""
+    ksize: int = 20
+    """Kademlia's k for the registry."""
+    alpha: int = 3
+    """Kademlia's alpha for the registry."""
+    rpc_timeout: float = 2.0
+    """Seconds to wait for a DHT node."""
+    lease: float = 30.0
+    """Seconds a presence lease lasts."""
+    ntp_interval: float = 600.0
+    """Seconds between NTP syncs."""
+    limits: Limits = attrs.field(factory=Limits)
+    """Limits of the peer protocol (frame size, timeouts, connections)."""
+
+
+@attrs.frozen(kw_only=True)
+class Notification:
+    """Someone followed or unfollowed the logged-in user."""
+
+    kind: Literal["follow", "unfollow"]
+    """What happened."""
+    user: str
+    """Who did it."""
+    timestamp: HybridTimestamp
+    """When, on their clock."""
+
+
+@attrs.define
+class _Session:
+    username: str
+    identity: Identity
+    following: set[str]
+    directory: FollowerDirectory
+    notifications: list[Notification]
+    tasks: set[asyncio.Task[None]] = attrs.field(factory=set)
+
+
+class Peer:
+    """A peer of the timeline network: one user's gateway to it.
+
+    A peer runs a DHT node (UDP) and a peer-protocol server (TCP) on the same
+    port, and a local store. Register or log in a user, then follow, post,
+    and read the timeline; posts from followees arrive by themselves.
+
+    Args:
+        host: Interface to listen on, and the address other peers reach.
+        port: UDP and TCP port; 0 picks one free for both (see `port`).
+        bootstrap: ``(host, port)`` of DHT nodes already in the network.
+        data_dir: Directory for the store (`SqliteStore`); the peer keeps
+            identities and posts there across restarts. Without it and
+            without `store`, everything is kept in memory.
+        store: A `LocalStore` to use instead of the default one.
+        clock: The `ClockSync` to use (default: `ClockSync()`, public NTP).
+        serializer: Encoding of DHT values and frames; all peers of a
+            network must use the same one.
+        config: Tunable behaviour.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        bootstrap: Sequence[tuple[str, int]] = (),
+        *,
+        data_dir: str | os.PathLike[str] | None = None,
+        store: LocalStore | None = None,
+        clock: ClockSync | None = None,
+        serializer: Serializer | None = None,
+        config: PeerConfig | None = None,
+    ) -> None:
+        self.config = config or PeerConfig()
+        self._host = host
+        self._requested_port = port
+        self._bootstrap = list(bootstrap)
+        if store is None:
+            if data_dir is None:
+                store = MemoryStore()
+            else:
+                Path(data_dir).mkdir(parents=True, exist_ok=True)
+                store = SqliteStore(Path(data_dir) / "peer.db")
+        self._store = store
+        self._clock = clock or ClockSync()
+        self._hlc = HybridLogicalClock(self._clock.now_ms)
+        self._serializer = serializer or CborSerializer()
+        self._tree = DisseminationTree(self.config.fanout)
+        self._registry: DhtRegistry | None = None
+        self._server: PeerServer | None = None
+        self._pool: ConnectionPool | None = None
+        self._port: int | None = None
+        self._session: _Session | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscribers: set[asyncio.Queue[Post | None]] = set()
+        self._keys: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        """Open the store, listen on UDP and TCP, and join the network.
+
+        Raises:
+            NetworkError: The port cannot be bound.
+            StoreError: The store cannot be opened.
+            UsageError: The peer is already started.
+        """
+        if self._registry is not None:
+            raise UsageError("the peer is already started")
+        await self._store.open()
+        try:
+            await self._listen()
+        except BaseException:
+            await self._store.close()
+            raise
+        self._clock.start(self.config.ntp_interval)
+        log.info("peer listening on %s:%d", self._host, self._port)
+
+    async def _listen(self) -> None:
+        limits = self.config.limits
+        for _ in range(10):
+            registry = DhtRegistry(
+                self.config.ksize,
+                self.config.alpha,
+                rpc_timeout=self.config.rpc_timeout,
+                lease=self.config.lease,
+                clock=self._clock.now,
+                serializer=self._serializer,
+            )
+            await registry.start(self._host, self._requested_port, self._bootstrap)
+            port = registry.address[1]
+            server = PeerServer(self._handle, self._serializer, limits)
+            try:
+                await server.start(self._host, port)
+            except OSError as exc:
+                await registry.stop()
+                if self._requested_port:
+                    raise NetworkError(
+                        f"cannot listen on TCP port {port}: {exc}"
+                    ) from exc
+                continue  # the UDP port's TCP twin is taken: try another
+            self._registry, self._server, self._port = registry, server, port
+            self._pool = ConnectionPool(self._serializer, limits)
+            return
+        raise NetworkError("found no port free for both UDP and TCP")
+
+    async def stop(self) -> None:
+        """Log out (if logged in) and release every socket, task and file.
+
+        Idempotent. A graceful stop marks the user offline at once; a crash
+        (the process killed) is seen once its presence lease lapses.
+        """
+        if self._session is not None:
+            with contextlib.suppress(NetworkError, TimeoutError):
+                async with asyncio.timeout(self.config.rpc_timeout * 2):
+                    await self.logout()
+        await self._release()
+
+    async def _release(self) -> None:
+        """Free everything without a goodbye: what `stop()` does after logging
+        out, and all a crash leaves behind (see `testing.crash`)."""
+        await self._end_session()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for queue in self._subscribers:
+            _offer(queue, None)
+        if self._server is not None:
+            await self._server.close()
+        if self._pool is not None:
+            await self._pool.close()
+        if self._registry is not None:
+            await self._registry.stop()
+        self._server = self._pool = self._registry = None
+        self._port = None
+        await self._clock.stop()
+        await self._store.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    @property
+    def port(self) -> int:
+        """The UDP and TCP port the peer listens on.
+
+        Raises:
+            UsageError: The peer is not started.
+        """
+        if self._port is None:
+            raise UsageError("the peer is not started")
+        return self._port
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` where other peers reach this one."""
+        return (self._host, self.port)
+
+    @property
+    def username(self) -> str | None:
+        """The logged-in user, if any."""
+        return self._session.username if self._session else None
+
+    @property
+    def registry(self) -> DhtRegistry:
+        """The peer's DHT registry node.
+
+        Raises:
+            UsageError: The peer is not started.
+        """
+        if self._registry is None:
+            raise UsageError("the peer is not started")
+        return self._registry
+
+    # Accounts
+
+    async def register(self, username: str, password: str) -> None:
+        """Create a user: a new identity, a claim of the name, then log in.
+
+        Raises:
+            UsernameTaken: The name is taken.
+            UsageError: The name is invalid, or a user is logged in here.
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        self._check_logged_out()
+        if not check_username(username):
+            raise UsageError(f"invalid username {username!r}")
+        identity = Identity.generate()
+        sealed = await asyncio.to_thread(
+            identity.seal, password, log2_n=self.config.seal_cost
+        )
+        await self.registry.claim_username(username, identity, sealed)
+        await self._store.save_identity(
+            StoredIdentity(
+                username=username, public_key=identity.public_key, sealed_key=sealed
+            )
+        )
+        await self._begin_session(username, identity)
+
+    async def login(self, username: str, password: str) -> None:
+        """Log in, on any peer: the sealed identity comes from the DHT if need be.
+
+        Logging in publishes the user's presence, collects the follows and
+        unfollows that happened while away (`notifications`), applies the
+        retention policy and pulls the posts missed from followees.
+
+        Raises:
+            UnknownUser: No such user.
+            AuthError: Wrong password.
+            UsageError: A user is already logged in here.
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        self._check_logged_out()
+        if not check_username(username):
+            raise UsageError(f"invalid username {username!r}")
+        record = await self.registry.get_user(username)
+        if record is None:
+            raise UnknownUser(f"no user {username!r}")
+        stored = await self._store.load_identity(username)
+        blobs = [record.sealed_key]
+        if stored is not None and stored.public_key == record.public_key:
+            blobs.insert(0, stored.sealed_key)
+        for blob in blobs:
+            try:
+                identity = await asyncio.to_thread(Identity.unseal, blob, password)
+            except (AuthError, RemoteError):
+                continue
+            if identity.public_key == record.public_key:
+                await self._store.save_identity(
+                    StoredIdentity(
+                        username=username,
+                        public_key=record.public_key,
+                        sealed_key=record.sealed_key,
+                    )
+                )
+                await self._begin_session(username, identity)
+                return
+        raise AuthError("wrong password")
+
+    async def logout(self) -> None:
+        """Publish that the user is offline and end the session.
+
+        Raises:
+            NotLoggedIn: Nobody is logged in.
+        """
+        session = self._require_session()
+        await self._end_session()
+        await self._store.save_relation(
+            session.username, "followers", session.directory.names()
+        )
+        try:
+            await self.registry.set_presence(
+                session.username, session.identity, self.address, online=False
+            )
+        except RegistryUnavailable as exc:
+            log.warning("could not publish the logout: %s", exc)
+
+    async def _begin_session(self, username: str, identity: Identity) -> None:
+        registry = self.registry
+        following, entries = await asyncio.gather(
+            registry.get_following(username),
+            registry.get_follow_entries(username, "followers"),
+        )
+        session = _Session(
+            username=username,
+            identity=identity,
+            following=set(following),
+            directory=FollowerDirectory(),
+            notifications=[],
+        )
+        known = await self._store.load_relation(username, "followers")
+        for entry in sorted(entries, key=lambda e: e.timestamp):
+            if entry.following:
+                session.directory.add(entry.follower, entry.follower_key)
+                if entry.follower not in known:
+                    session.notifications.append(_notice("follow", entry))
+            elif entry.follower in known:
+                session.notifications.append(_notice("unfollow", entry))
+        await self._store.save_relation(username, "following", following)
+        await self._store.save_relation(
+            username, "followers", session.directory.names()
+        )
+        self._session = session
+        await registry.set_presence(username, identity, self.address, online=True)
+        await self._apply_retention()
+        self._session_task(session, self._announce(session))
+        self._session_task(session, self._every(self.config.pull_interval, self.sync))
+        self._session_task(
+            session, self._every(self.config.retention_interval, self._apply_retention)
+        )
+        await self.sync()
+
+    async def _end_session(self) -> None:
+        session, self._session = self._session, None
+        if session is None:
+            return
+        tasks = list(session.tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # Following
+
+    async def follow(self, username: str) -> None:
+        """Follow `username`: their posts reach this user from now on.
+
+        The followee learns it at once if online, else at its next login.
+
+        Raises:
+            UnknownUser: No such user.
+            NotLoggedIn: Nobody is logged in.
+            UsageError: Following oneself.
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        session = self._require_session()
+        if username == session.username:
+            raise UsageError("a user cannot follow themselves")
+        entry = await self.registry.follow(session.username, username, session.identity)
+        session.following.add(username)
+        await self._store.save_relation(
+            session.username, "following", session.following
+        )
+        await self._notify_followee(session, FollowNotice(entry=entry, presence=None))
+        self._session_task(session, self._pull_quietly(username))
+
+    async def unfollow(self, username: str) -> None:
+        """Stop following `username`. See `follow`."""
+        session = self._require_session()
+        entry = await self.registry.unfollow(
+            session.username, username, session.identity
+        )
+        session.following.discard(username)
+        await self._store.save_relation(
+            session.username, "following", session.following
+        )
+        await self._notify_followee(session, FollowNotice(entry=entry, presence=None))
+
+    async def _notify_followee(self, session: _Session, notice: FollowNotice) -> None:
+        """Tell the followee now, if it is online (it learns at login otherwise)."""
+        followee = notice.entry.followee
+        presence = await self._own_presence(session)
+        notice = FollowNotice(entry=notice.entry, presence=presence)
+        try:
+            address = await self._online_address(followee)
+            if address is not None:
+                await self._request(address, notice)
+        except (NetworkError, RemoteError) as exc:
+            log.info("could not tell %s about the follow: %s", followee, exc)
+
+    async def followers(self, username: str) -> list[str]:
+        """The users following `username`, sorted.
+
+        Raises:
+            UnknownUser: No such user.
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        return sorted(await self.registry.get_followers(username))
+
+    async def following(self, username: str) -> list[str]:
+        """The users `username` follows, sorted. See `followers`."""
+        return sorted(await self.registry.get_following(username))
+
+    async def suggestions(self, limit: int = 10) -> list[str]:
+        """Whom to follow: friends of friends, most followed by one's followees first.
+
+        Never the user or someone the user already follows.
+
+        Raises:
+            NotLoggedIn: Nobody is logged in.
+        """
+        session = self._require_session()
+        counts: collections.Counter[str] = collections.Counter()
+        excluded = session.following | {session.username}
+
+        async def tally(followee: str) -> None:
+            try:
+                names = await self.registry.get_following(followee)
+            except (UnknownUser, RegistryUnavailable) as exc:
+                log.info("no suggestions from %s: %s", followee, exc)
+                return
+            counts.update(names - excluded)
+
+        await _bounded(tally(f) for f in sorted(session.following))
+        ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+        return [name for name, _ in ranked[: max(limit, 0)]]
+
+    async def notifications(self) -> list[Notification]:
+        """Follows and unfollows of this user: those that happened while away
+        (found at login) and those since, oldest first.
+
+        Raises:
+            NotLoggedIn: Nobody is logged in.
+        """
+        return list(self._require_session().notifications)
+
+    # Posts
+
+    async def post(self, text: str) -> Post:
+        """Publish a post to the user's followers; returns it once stored here.
+
+        Raises:
+            NotLoggedIn: Nobody is logged in.
+            UsageError: The text is too long.
+        """
+        session = self._require_session()
+        try:
+            post = Post.create(
+                session.identity, session.username, text, self._hlc.now()
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        await self._store.add([post])
+        self._spawn(self._disseminate(session, post))
+        return post
+
+    async def timeline(self, limit: int = 50, before: Post | None = None) -> list[Post]:
+        """The user's and their followees' posts, newest first.
+
+        Args:
+            limit: At most this many posts.
+            before: Continue after this post (the last one of a previous page).
+
+        Raises:
+            NotLoggedIn: Nobody is logged in.
+        """
+        session = self._require_session()
+        authors = session.following | {session.username}
+        return await self._store.timeline(authors, limit=limit, before=before)
+
+    async def incoming(self) -> AsyncIterator[Post]:
+        """Posts as they arrive from followees (pushed or pulled), until `stop()`.
+
+        Each iterator buffers up to `PeerConfig.incoming_buffer` posts;
+        beyond that the oldest are dropped (with a warning).
+        """
+        queue: asyncio.Queue[Post | None] = asyncio.Queue(self.config.incoming_buffer)
+        self._subscribers.add(queue)
+        try:
+            while (post := await queue.get()) is not None:
+                yield post
+        finally:
+            self._subscribers.discard(queue)
+
+    async def sync(self) -> int:
+        """Pull the posts missed from every followee now; returns how many were new.
+
+        Each followee's posts come from the followee if it is online, else
+        from one of its online followers. Runs at login and periodically.
+
+        Raises:
+            NotLoggedIn: Nobody is logged in.
+        """
+        session = self._require_session()
+        followees = sorted(session.following)
+        latest = await self._store.latest(followees)
+        counts = await _bounded(self._pull(f, latest.get(f)) for f in followees)
+        return sum(counts)
+
+    async def _pull_quietly(self, author: str) -> None:
+        latest = await self._store.latest([author])
+        await self._pull(author, latest.get(author))
+
+    async def _pull(self, author: str, since: HybridTimestamp | None) -> int:
+        """Fetch `author`'s posts after `since` from whoever has them."""
+        try:
+            key = await self._public_key(author)
+            for address in await self._sources(author, key):
+                try:
+                    posts = await self._fetch(address, author, key, since)
+                except (PeerUnreachable, ProtocolError) as exc:
+                    log.info(
+                        "could not pull %s's posts from %s: %s", author, address, exc
+                    )
+                    continue
+                return len(await self._accept(posts))
+        except (NetworkError, RemoteError, UnknownUser) as exc:
+            log.info("could not pull %s's posts: %s", author, exc)
+        return 0
+
+    async def _sources(self, author: str, key: bytes) -> list[tuple[str, int]]:
+        """Where to pull `author`'s posts from: the author, then its followers."""
+        sources = []
+        presence = await self.registry.get_presence(key)
+        now = self._clock.now_ms()
+        if presence is not None and presence.is_online(now):
+            sources.append(presence.address)
+        entries = await self.registry.get_follow_entries(author, "followers")
+        me = self.username
+        others = [e for e in entries if e.following and e.follower != me][:64]
+        presences = await _bounded(
+            self.registry.get_presence(e.follower_key) for e in others
+        )
+        for record in presences:
+            if record is not None and record.is_online(now):
+                sources.append(record.address)
+            if len(sources) > _PULL_SOURCES:
+                break
+        return [s for s in sources if s != self.address]
+
+    async def _fetch(
+        self,
+        address: tuple[str, int],
+        author: str,
+        key: bytes,
+        since: HybridTimestamp | None,
+    ) -> list[Post]:
+        posts: list[Post] = []
+        while len(posts) < _MAX_CATCH_UP:
+            reply = await self._request(
+                address, GetPosts(author=author, since=since, limit=_PAGE)
+            )
+            if not isinstance(reply, PostBatch):
+                raise ProtocolError(f"{address} answered GetPosts with {reply!r}")
+            for post in reply.posts:
+                if post.author != author or (since and post.timestamp <= since):
+                    raise ProtocolError(f"{address} sent a post not asked for")
+                post.verify(key)
+            posts.extend(reply.posts)
+            if not reply.more or not reply.posts:
+                break
+            since = reply.posts[-1].timestamp
+        return posts
+
+    async def _accept(self, posts: Iterable[Post]) -> list[Post]:
+        """Store verified posts; hand the new ones to `incoming()` iterators."""
+        horizon = self._clock.now_ms() + self.config.max_future_ms
+        timely = []
+        for post in posts:
+            if post.timestamp.physical_ms > horizon:
+                log.info("refused a post from the future by %s", post.author)
+            else:
+                timely.append(post)
+        new = await self._store.add(timely)
+        for post in new:
+            with contextlib.suppress(InvalidRecord):
+                self._hlc.observe(post.timestamp)
+            for queue in self._subscribers:
+                _offer(queue, post)
+        return new
+
+    # Dissemination
+
+    async def _disseminate(self, session: _Session, post: Post) -> None:
+        members = await self._online_followers(session)
+        me = TreeMember(name=session.username, host=self._host, port=self.port)
+        subtrees = self._tree.plan(me, members, post_id=post.id, key=_name)
+        await asyncio.gather(*(self._push(post, tree, session) for tree in subtrees))
+
+    async def _online_followers(self, session: _Session) -> list[TreeMember]:
+        """The followers to send a post to, refreshing stale presence first."""
+        directory = session.directory
+        now = self._clock.now_ms()
+        stale = directory.stale(now, recheck_ms=int(self.config.lease * 1000 / 3))
+
+        async def refresh(name: str, key: bytes) -> None:
+            with contextlib.suppress(RegistryUnavailable):
+                presence = await self.registry.get_presence(key)
+                if presence is not None:
+                    directory.update_presence(name, presence)
+            follower = directory.get(name)
+            if follower is not None:
+                follower.checked_ms = now
+
+        await _bounded(refresh(f.name, f.public_key) for f in stale)
+        return [
+            TreeMember(name=f.name, host=f.presence.host, port=f.presence.port)
+            for f in directory.online(self._clock.now_ms())
+            if f.presence is not None
+        ]
+
+    async def _push(
+        self, post: Post, tree: list[TreeMember], session: _Session | None = None
+    ) -> None:
+        """Hand `post` to `tree[0]`, with its subtree to forward; if it cannot be
+        reached after `push_tries`, send to its children instead."""
+        child = tree[0]
+        delay = self.config.push_backoff
+        for attempt in range(self.config.push_tries):
+            if attempt:
+                await asyncio.sleep(delay)
+                delay *= 2
+            try:
+                push = PostPush(post=post, fanout=self._tree.fanout, tree=tuple(tree))
+                await self._request((child.host, child.port), push)
+                return
+            except (PeerUnreachable, ProtocolError) as exc:
+                log.info("push to %s failed (try %d): %s", child.name, attempt + 1, exc)
+        if session is not None:
+            session.directory.mark_unreachable(child.name)
+        await asyncio.gather(
+            *(self._push(post, sub, session) for sub in self._tree.children(tree))
+        )
+
+    # Requests from other peers
+
+    async def _handle(self, message: Message, remote: tuple[str, int]) -> Message:
+        if isinstance(message, PostPush):
+            return await self._on_push(message)
+        if isinstance(message, GetPosts):
+            return await self._on_get(message)
+        if isinstance(message, FollowNotice):
+            return await self._on_follow_notice(message)
+        if isinstance(message, PresenceNotice):
+            return await self._on_presence_notice(message)
+        return Refusal(reason=f"unexpected {type(message).__name__}")
+
+    async def _on_push(self, push: PostPush) -> Message:
+        if not push.tree or push.fanout != self._tree.fanout:
+            raise ProtocolError("malformed dissemination tree")
+        post = push.post
+        post.verify(await self._public_key(post.author))
+        session = self._session
+        if session is not None and post.author in session.following:
+            await self._accept([post])
+        # Forward even when not storing: the subtree relies on this peer.
+        tree = list(push.tree)
+        self._spawn(self._forward(post, tree))
+        return Ack()
+
+    async def _forward(self, post: Post, tree: list[TreeMember]) -> None:
+        await asyncio.gather(
+            *(self._push(post, sub) for sub in self._tree.children(tree))
+        )
+
+    async def _on_get(self, request: GetPosts) -> Message:
+        posts = await self._store.posts_by(
+            request.author, since=request.since, limit=min(request.limit, _PAGE)
+        )
+        return PostBatch(
+            posts=tuple(posts), more=len(posts) == min(request.limit, _PAGE)
+        )
+
+    async def _on_follow_notice(self, notice: FollowNotice) -> Message:
+        session = self._session
+        entry = notice.entry
+        if session is None or entry.followee != session.username:
+            raise ProtocolError("this peer's user is not the followee")
+        if entry.followee_key != session.identity.public_key:
+            raise InvalidRecord("follow entry for another key")
+        entry.verify()
+        if await self._public_key(entry.follower) != entry.follower_key:
+            raise InvalidRecord(f"entry not signed by {entry.follower}")
+        directory = session.directory
+        if entry.following:
+            if entry.follower not in directory.names():
+                session.notifications.append(_notice("follow", entry))
+            directory.add(entry.follower, entry.follower_key)
+            if notice.presence is not None:
+                notice.presence.verify()
+                directory.update_presence(entry.follower, notice.presence)
+        elif entry.follower in directory.names():
+            directory.remove(entry.follower)
+            session.notifications.append(_notice("unfollow", entry))
+        await self._store.save_relation(
+            session.username, "followers", directory.names()
+        )
+        return Ack()
+
+    async def _on_presence_notice(self, notice: PresenceNotice) -> Message:
+        session = self._session
+        if session is None:
+            return Ack()
+        presence = notice.presence
+        presence.verify()
+        if await self._public_key(notice.username) != presence.public_key:
+            raise InvalidRecord(f"presence not signed by {notice.username}")
+        session.directory.update_presence(notice.username, presence)
+        return Ack()
+
+    async def _announce(self, session: _Session) -> None:
+        """Tell online followees where this user is now, so posts flow at once."""
+        presence = await self._own_presence(session)
+        if presence is None:
+            return
+        notice = PresenceNotice(username=session.username, presence=presence)
+
+        async def tell(followee: str) -> None:
+            try:
+                address = await self._online_address(followee)
+                if address is not None:
+                    await self._request(address, notice)
+            except (NetworkError, RemoteError, UnknownUser) as exc:
+                log.debug("could not announce to %s: %s", followee, exc)
+
+        await _bounded(tell(f) for f in sorted(session.following))
+
+    # Helpers
+
+    async def _own_presence(self, session: _Session) -> Presence | None:
+        key = session.identity.public_key
+        with contextlib.suppress(RegistryUnavailable):
+            return await self.registry.get_presence(key)
+        return None
+
+    async def _online_address(self, username: str) -> tuple[str, int] | None:
+        presence = await self.registry.get_presence(await self._public_key(username))
+        if presence is None or not presence.is_online(self._clock.now_ms()):
+            return None
+        return presence.address
+
+    async def _public_key(self, username: str) -> bytes:
+        key = self._keys.get(username)
+        if key is None:
+            found = await self.registry.get_public_key(username)
+            if found is None:
+                raise UnknownUser(f"no user {username!r}")
+            key = self._keys[username] = found
+            while len(self._keys) > 100_000:
+                self._keys.popitem(last=False)
+        return key
+
+    async def _request(self, address: tuple[str, int], message: Message) -> Message:
+        if self._pool is None:
+            raise PeerUnreachable("the peer is stopped")
+        return await self._pool.request(address, message)
+
+    async def _apply_retention(self) -> None:
+        session = self._session
+        if self.config.retention is None or session is None:
+            return
+        cutoff = self._clock.now_ms() - int(self.config.retention * 1000)
+        keep = {session.username} if self.config.keep_own_posts else set()
+        deleted = await self._store.prune(older_than_ms=cutoff, keep_authors=keep)
+        if deleted:
+            log.info("retention removed %d posts", deleted)
+
+    async def _every(
+        self, interval: float, job: Callable[[], Awaitable[object]]
+    ) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await job()
+            except (NetworkError, RemoteError) as exc:
+                log.info("periodic %s failed: %s", getattr(job, "__name__", job), exc)
+
+    def _require_session(self) -> _Session:
+        if self._session is None:
+            raise NotLoggedIn("no user is logged in on this peer")
+        return self._session
+
+    def _check_logged_out(self) -> None:
+        if self._session is not None:
+            raise UsageError(f"{self._session.username} is logged in: log out first")
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(_forget(self._tasks))
+
+    def _session_task(self, session: _Session, coro: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coro)
+        session.tasks.add(task)
+        task.add_done_callback(_forget(session.tasks))
+
+
+def _name(member: TreeMember) -> str:
+    return member.name
+
+
+def _notice(kind: Literal["follow", "unfollow"], entry: FollowEntry) -> Notification:
+    return Notification(kind=kind, user=entry.follower, timestamp=entry.timestamp)
+
+
+def _offer(queue: asyncio.Queue[Post | None], item: Post | None) -> None:
+    """Put without waiting; drop the oldest item when the queue is full."""
+    if queue.full():
+        with contextlib.suppress(asyncio.QueueEmpty):
+            queue.get_nowait()
+            log.warning("incoming() is not keeping up: dropped a post")
+    queue.put_nowait(item)
+
+
+def _forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    return done
+
+
+async def _bounded(coros: Iterable[Awaitable[T]], limit: int = _CONCURRENCY) -> list[T]:
+    """Run coroutines with at most `limit` at a time; results in order."""
+    slots = asyncio.Semaphore(limit)
+
+    async def run(coro: Awaitable[T]) -> T:
+        async with slots:
+            return await coro
+
+    return await asyncio.gather(*(run(c) for c in coros))

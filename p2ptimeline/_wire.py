@@ -1,0 +1,257 @@
+"""The peer protocol's frames and their codec. Sans-I/O: bytes in, frames out.
+
+A frame on the TCP stream is a 4-byte big-endian length followed by that
+many bytes: a `Frame` encoded with the network's `Serializer` (CBOR by
+default). A `Frame` carries a protocol version, a request id and exactly one
+message. Requests get exactly one reply, a frame whose `reply_to` is the
+request's id. `FrameDecoder` turns a byte stream into frames and raises
+`ProtocolError` for anything malformed: a bad length, an oversized frame, an
+undecodable body or an unknown version.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import attrs
+
+from ._errors import DecodeError, ProtocolError
+from ._models import FollowEntry, HybridTimestamp, Post, Presence
+from ._serializer import Serializer
+
+__all__ = [
+    "DEFAULT_MAX_FRAME_SIZE",
+    "PROTOCOL_VERSION",
+    "Ack",
+    "FollowNotice",
+    "Frame",
+    "FrameDecoder",
+    "GetPosts",
+    "Message",
+    "PostBatch",
+    "PostPush",
+    "PresenceNotice",
+    "Refusal",
+    "TreeMember",
+    "encode_frame",
+]
+
+PROTOCOL_VERSION = 1
+"""Version of the peer protocol this library speaks."""
+DEFAULT_MAX_FRAME_SIZE = 1 << 20
+"""Largest frame accepted by default: 1 MiB."""
+_LENGTH = struct.Struct("!I")
+
+
+@attrs.frozen(kw_only=True)
+class TreeMember:
+    """A follower in a dissemination tree, with where to reach it."""
+
+    name: str
+    """The follower's username."""
+    host: str
+    """Host of the follower's peer."""
+    port: int
+    """TCP port of the follower's peer."""
+
+
+@attrs.frozen(kw_only=True)
+class PostPush:
+    """A post on its way down a dissemination tree.
+
+    `tree` is the receiver's subtree in heap order: `tree[0]` is the
+    receiver, and the children of position i are positions k*i+1 .. k*i+k
+    (see `DisseminationTree`). The receiver stores the post and forwards it
+    to its children, each with its own subtree.
+    """
+
+    post: Post
+    """The post."""
+    fanout: int = attrs.field(validator=attrs.validators.in_(range(1, 65)))
+    """The tree's arity k."""
+    tree: tuple[TreeMember, ...]
+    """The receiver's subtree, receiver first."""
+
+
+@attrs.frozen(kw_only=True)
+class GetPosts:
+    """Ask for the posts held of `author` stamped after `since`."""
+
+    author: str
+    """Whose posts."""
+    since: HybridTimestamp | None
+    """Only posts stamped strictly after this (None: from the start)."""
+    limit: int = attrs.field(validator=attrs.validators.in_(range(1, 10_001)))
+    """At most this many, oldest first."""
+
+
+@attrs.frozen(kw_only=True)
+class PostBatch:
+    """The reply to `GetPosts`."""
+
+    posts: tuple[Post, ...]
+    """Posts, oldest first."""
+    more: bool
+    """Whether more posts follow the last one: ask again from there."""
+
+
+@attrs.frozen(kw_only=True)
+class FollowNotice:
+    """Tells a user that someone followed or unfollowed them."""
+
+    entry: FollowEntry
+    """The signed follow entry, as written to the registry."""
+    presence: Presence | None
+    """The follower's signed presence, so the followee can reach it at once."""
+
+
+@attrs.frozen(kw_only=True)
+class PresenceNotice:
+    """Tells a followee where a follower listens now (at login)."""
+
+    username: str
+    """The follower's name."""
+    presence: Presence
+    """The follower's signed presence record."""
+
+
+@attrs.frozen(kw_only=True)
+class Ack:
+    """A request was taken."""
+
+
+@attrs.frozen(kw_only=True)
+class Refusal:
+    """A request was refused; the reason is for logs, not for machines."""
+
+    reason: str = attrs.field(validator=attrs.validators.max_len(200))
+    """Why."""
+
+
+@attrs.frozen(kw_only=True)
+class Frame:
+    """One frame of the peer protocol: exactly one message field is set."""
+
+    version: int
+    """Protocol version of the sender."""
+    request_id: int = attrs.field(validator=attrs.validators.ge(0))
+    """The sender's id for a request (0 in replies)."""
+    reply_to: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    """In a reply, the id of the request it answers."""
+    push: PostPush | None = None
+    get: GetPosts | None = None
+    batch: PostBatch | None = None
+    follow: FollowNotice | None = None
+    presence: PresenceNotice | None = None
+    ack: Ack | None = None
+    refusal: Refusal | None = None
+
+    def __attrs_post_init__(self) -> None:
+        if len([m for m in self.messages() if m is not None]) != 1:
+            raise ValueError("a frame carries exactly one message")
+
+    def messages(self) -> tuple[object, ...]:
+        """The message fields, in declaration order."""
+        return (
+            self.push,
+            self.get,
+            self.batch,
+            self.follow,
+            self.presence,
+            self.ack,
+            self.refusal,
+        )
+
+    @property
+    def message(self) -> Message:
+        """The one message this frame carries."""
+        return next(m for m in self.messages() if m is not None)  # type: ignore[return-value]
+
+    @classmethod
+    def of(cls, message: Message, *, request_id: int = 0, reply_to: int = 0) -> Frame:
+        """A frame carrying `message`."""
+        fields: dict[str, Any] = {_FIELD_OF[type(message)]: message}
+        return cls(
+            version=PROTOCOL_VERSION,
+            request_id=request_id,
+            reply_to=reply_to,
+            **fields,
+        )
+
+
+Message = (
+    PostPush | GetPosts | PostBatch | FollowNotice | PresenceNotice | Ack | Refusal
+)
+"""Any message of the peer protocol."""
+
+_FIELD_OF: dict[type, str] = {
+    PostPush: "push",
+    GetPosts: "get",
+    PostBatch: "batch",
+    FollowNotice: "follow",
+    PresenceNotice: "presence",
+    Ack: "ack",
+    Refusal: "refusal",
+}
+
+
+def encode_frame(
+    serializer: Serializer, frame: Frame, max_size: int = DEFAULT_MAX_FRAME_SIZE
+) -> bytes:
+    """A frame as bytes for the stream: length prefix and body.
+
+    Raises:
+        ProtocolError: The encoded frame is larger than `max_size`.
+    """
+    body = serializer.encode(frame)
+    if len(body) > max_size:
+        raise ProtocolError(f"frame of {len(body)} bytes exceeds {max_size}")
+    return _LENGTH.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Splits a byte stream into frames.
+
+    Args:
+        serializer: Decodes frame bodies.
+        max_size: Largest frame body accepted.
+    """
+
+    def __init__(
+        self, serializer: Serializer, max_size: int = DEFAULT_MAX_FRAME_SIZE
+    ) -> None:
+        self._serializer = serializer
+        self._max_size = max_size
+        self._buffer = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet part of a complete frame."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add received bytes; returns the frames they complete.
+
+        Raises:
+            ProtocolError: The stream is malformed. It cannot be resumed:
+                close the connection.
+        """
+        self._buffer += data
+        frames = []
+        while len(self._buffer) >= _LENGTH.size:
+            (size,) = _LENGTH.unpack_from(self._buffer)
+            if size > self._max_size:
+                raise ProtocolError(f"frame of {size} bytes exceeds {self._max_size}")
+            if len(self._buffer) < _LENGTH.size + size:
+                break
+            body = bytes(self._buffer[_LENGTH.size : _LENGTH.size + size])
+            del self._buffer[: _LENGTH.size + size]
+            try:
+                frame = self._serializer.decode(body, Frame)
+            except DecodeError as exc:
+                raise ProtocolError(f"undecodable frame: {exc}") from exc
+            if frame.version != PROTOCOL_VERSION:
+                raise ProtocolError(f"unsupported protocol version {frame.version}")
+            frames.append(frame)
+        return frames

@@ -1,0 +1,388 @@
+"""Peer, end to end: the seed's scenarios between real peers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import attrs
+import pytest
+
+import p2ptimeline as pt
+from p2ptimeline._wire import Message, PostBatch, PostPush, TreeMember
+from p2ptimeline.testing import NtpServer, crash, eventually
+
+FAST = pt.PeerConfig(seal_cost=10, ksize=8, lease=30.0, pull_interval=3600.0)
+PeerFactory = Callable[..., Awaitable[list[pt.Peer]]]
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[PeerFactory]:
+    """A factory of peers joined through one bootstrap node; all stopped at the end.
+
+    ``await peers(n, **options)`` starts `n` peers; options go to `Peer`.
+    """
+    boot = pt.DhtRegistry(ksize=8)
+    await boot.start("127.0.0.1", 0)
+    started: list[pt.Peer] = []
+
+    async def start(count: int, **options: object) -> list[pt.Peer]:
+        options = {"config": FAST, **options}
+        if "clock" not in options:
+            new = [
+                pt.Peer(
+                    "127.0.0.1",
+                    0,
+                    [boot.address],
+                    clock=pt.ClockSync(servers=[]),
+                    **options,  # type: ignore[arg-type]
+                )
+                for _ in range(count)
+            ]
+        else:
+            new = [
+                pt.Peer("127.0.0.1", 0, [boot.address], **options)  # type: ignore[arg-type]
+                for _ in range(count)
+            ]
+        for peer in new:
+            await peer.start()
+        started.extend(new)
+        return new
+
+    yield start
+    await asyncio.gather(*(peer.stop() for peer in started))
+    await boot.stop()
+
+
+async def holds(peer: pt.Peer, post: pt.Post) -> bool:
+    """Whether `post` is in `peer`'s timeline."""
+    return any(p.id == post.id for p in await peer.timeline(limit=1000))
+
+
+async def all_hold(peers: list[pt.Peer], post: pt.Post) -> bool:
+    return all(await asyncio.gather(*(holds(p, post) for p in peers)))
+
+
+async def star_and_fans(
+    peers: PeerFactory, fans: int, **options: object
+) -> list[pt.Peer]:
+    """An author ("star") and `fans` followers, all logged in."""
+    net = await peers(fans + 1, **options)
+    await net[0].register("star", "pw")
+    for i, fan in enumerate(net[1:]):
+        await fan.register(f"fan{i}", "pw")
+        await fan.follow("star")
+    return net
+
+
+def count_pushes(peer: pt.Peer) -> list[str]:
+    """Record the receivers of every push `peer` sends."""
+    sent: list[str] = []
+    assert peer._pool is not None
+    request = peer._pool.request
+
+    async def counting(address: tuple[str, int], message: Message) -> Message:
+        if isinstance(message, PostPush):
+            sent.append(message.tree[0].name)
+        return await request(address, message)
+
+    peer._pool.request = counting  # type: ignore[method-assign]
+    return sent
+
+
+async def test_post_reaches_every_online_follower(peers: PeerFactory) -> None:
+    """A post reaches all 20 online followers; the author sends at most k frames."""
+    star, *fans = await star_and_fans(peers, 20)
+    assert await star.followers("star") == sorted(f"fan{i}" for i in range(20))
+    sent = count_pushes(star)
+    post = await star.post("hello, followers")
+    await eventually(lambda: all_hold(fans, post))
+    assert len(sent) <= FAST.fanout
+    assert (await fans[7].timeline())[0] == post
+
+
+async def test_unfollow_stops_delivery(peers: PeerFactory) -> None:
+    """After an unfollow, the user gets no more posts of the former followee."""
+    star, *fans = await star_and_fans(peers, 20)
+    leaver = fans[5]
+    await leaver.unfollow("star")
+    assert "fan5" not in await star.followers("star")
+    post = await star.post("only for followers")
+    others = [f for f in fans if f is not leaver]
+    await eventually(lambda: all_hold(others, post))
+    await leaver.sync()
+    assert not await holds(leaver, post)
+    assert await leaver.timeline() == []
+
+
+async def test_offline_follower_catches_up_at_login(peers: PeerFactory) -> None:
+    """A follower that was offline during posts has them all after logging in."""
+    star, *fans = await star_and_fans(peers, 20)
+    away = fans[3]
+    await away.logout()
+    posts = [await star.post(f"post {i}") for i in range(5)]
+    await eventually(lambda: all_hold(fans[4:], posts[-1]))
+    await away.login("fan3", "pw")
+    assert [p.id for p in await away.timeline()] == [p.id for p in reversed(posts)]
+
+
+async def test_posts_of_an_offline_author_come_from_another_follower(
+    peers: PeerFactory,
+) -> None:
+    """With the author offline, a follower that logs in gets its posts elsewhere."""
+    star, *fans = await star_and_fans(peers, 20)
+    latecomer = fans[0]
+    await latecomer.logout()
+    post = await star.post("written while you were away")
+    await eventually(lambda: all_hold(fans[1:], post))
+    await star.logout()
+    await latecomer.login("fan0", "pw")
+    assert await holds(latecomer, post)
+
+
+async def test_subtree_of_a_crashed_follower_still_receives_the_post(
+    peers: PeerFactory,
+) -> None:
+    """Followers killed before a post (still online by their lease) do not cut
+    off their subtrees: their children are re-homed under the sender."""
+    chain = attrs.evolve(FAST, fanout=1)  # a chain: every follower forwards
+    star, *fans = await star_and_fans(peers, 20, config=chain)
+    victims = random.Random(7).sample(fans[:-1], 5)
+    for victim in victims:
+        await crash(victim)
+    post = await star.post("through the gaps")
+    alive = [f for f in fans if f not in victims]
+    await eventually(lambda: all_hold(alive, post))
+
+
+async def test_notifications_of_what_happened_while_away(peers: PeerFactory) -> None:
+    """Follows and unfollows that happened while away are notified at login."""
+    bob, carol, dave, eve, frank, *_ = await peers(20)
+    for peer, name in [(bob, "bob"), (carol, "carol"), (dave, "dave")]:
+        await peer.register(name, "pw")
+    await eve.register("eve", "pw")
+    await frank.register("frank", "pw")
+    await frank.follow("bob")
+    await eventually(lambda: _notified(bob, ("follow", "frank")))
+    await bob.logout()
+    await carol.follow("bob")
+    await dave.follow("bob")
+    await eve.follow("bob")
+    await eve.unfollow("bob")  # followed and left while bob was away: no news
+    await frank.unfollow("bob")
+    await bob.login("bob", "pw")
+    notes = {(n.kind, n.user) for n in await bob.notifications()}
+    assert notes == {("follow", "carol"), ("follow", "dave"), ("unfollow", "frank")}
+
+
+async def _notified(peer: pt.Peer, note: tuple[str, str]) -> bool:
+    return note in {(n.kind, n.user) for n in await peer.notifications()}
+
+
+async def test_online_followee_learns_of_a_follow_at_once(peers: PeerFactory) -> None:
+    """An online followee is told of a follow directly, and of an unfollow."""
+    alice, bob = await peers(2)
+    await alice.register("alice", "pw")
+    await bob.register("bob", "pw")
+    await bob.follow("alice")
+    assert await _notified(alice, ("follow", "bob"))
+    await bob.unfollow("alice")
+    assert await _notified(alice, ("unfollow", "bob"))
+
+
+async def test_login_on_a_second_peer(peers: PeerFactory) -> None:
+    """The same credentials work on a peer that never saw the user; posts flow."""
+    home, away, fan = await peers(3)
+    await home.register("alice", "pw")
+    await fan.register("fan", "pw")
+    await fan.follow("alice")
+    await home.logout()
+    await away.login("alice", "pw")
+    post = await away.post("from my other machine")
+    await eventually(lambda: holds(fan, post))
+    assert await away.following("fan") == ["alice"]
+
+
+async def test_wrong_password_and_unknown_user(peers: PeerFactory) -> None:
+    """A wrong password is AuthError; an unknown name is UnknownUser."""
+    home, other = await peers(2)
+    await home.register("alice", "right")
+    await home.logout()
+    with pytest.raises(pt.AuthError):
+        await other.login("alice", "wrong")
+    with pytest.raises(pt.AuthError):
+        await home.login("alice", "wrong")
+    with pytest.raises(pt.UnknownUser):
+        await other.login("nobody", "pw")
+    with pytest.raises(pt.UsernameTaken):
+        await other.register("alice", "pw")
+    await other.login("alice", "right")
+    assert other.username == "alice"
+
+
+async def test_operations_need_a_login(peers: PeerFactory) -> None:
+    """Operations of a user raise NotLoggedIn without one; bad input is UsageError."""
+    (peer,) = await peers(1)
+    for call in (
+        peer.post("x"),
+        peer.follow("bob"),
+        peer.unfollow("bob"),
+        peer.timeline(),
+        peer.notifications(),
+        peer.suggestions(),
+        peer.sync(),
+        peer.logout(),
+    ):
+        with pytest.raises(pt.NotLoggedIn):
+            await call
+    await peer.register("alice", "pw")
+    with pytest.raises(pt.UsageError):
+        await peer.post("x" * (pt.MAX_POST_CHARS + 1))
+    with pytest.raises(pt.UsageError):
+        await peer.follow("alice")
+    with pytest.raises(pt.UnknownUser):
+        await peer.follow("nobody")
+    with pytest.raises(pt.UsageError):
+        await peer.register("bob", "pw")
+
+
+async def test_forged_and_tampered_posts_are_never_stored(peers: PeerFactory) -> None:
+    """Pushed or pulled posts that fail verification are refused and not stored."""
+    star, fan, mallory = await peers(3)
+    await star.register("star", "pw")
+    await fan.register("fan", "pw")
+    await mallory.register("mallory", "pw")
+    await fan.follow("star")
+    genuine = await star.post("genuine")
+    await eventually(lambda: holds(fan, genuine))
+    assert mallory._session is not None
+    forged = pt.Post.create(
+        mallory._session.identity, "star", "I am star", genuine.timestamp
+    )
+    tampered = attrs.evolve(genuine, text="tampered")
+    me = TreeMember(name="fan", host="127.0.0.1", port=fan.port)
+    for bad in (forged, tampered):
+        with pytest.raises(pt.ProtocolError):
+            await mallory._request(
+                fan.address, PostPush(post=bad, fanout=2, tree=(me,))
+            )
+    # A source that lies when asked for posts: mallory answers GetPosts.
+    late = await peers(1)
+    await late[0].register("late", "pw")
+    await late[0].follow("star")  # pulls the real posts
+    await late[0].logout()
+
+    async def lying(message: Message, remote: tuple[str, int]) -> Message:
+        return PostBatch(posts=(forged, tampered), more=False)
+
+    assert mallory._server is not None
+    mallory._server._handler = lying
+    await star.logout()
+    await fan.logout()
+    await mallory.follow("star")  # now mallory is a source of star's posts
+    await late[0].login("late", "pw")
+    texts = [p.text for p in await late[0].timeline()]
+    assert "I am star" not in texts
+    assert "tampered" not in texts
+
+
+async def test_skewed_clock_is_corrected_by_ntp(peers: PeerFactory) -> None:
+    """A peer whose clock is 10 minutes slow still orders its posts right, via NTP."""
+    async with NtpServer(skew=0.0) as ntp:
+        slow_clock = pt.ClockSync([ntp.address], time_source=lambda: time.time() - 600)
+        (slow,) = await peers(1, clock=slow_clock)
+        await slow_clock.sync()
+        fast, reader = await peers(2)
+        await slow.register("slow", "pw")
+        await fast.register("fast", "pw")
+        await reader.register("reader", "pw")
+        await reader.follow("slow")
+        await reader.follow("fast")
+        first = await fast.post("first")
+        await eventually(lambda: holds(reader, first))
+        second = await slow.post("second, from the slow clock")
+        await eventually(lambda: holds(reader, second))
+        assert [p.text for p in await reader.timeline()] == [second.text, first.text]
+        assert abs(second.timestamp.physical_ms - time.time() * 1000) < 5000
+
+
+async def test_restart_on_the_same_data_dir_keeps_everything(
+    peers: PeerFactory, tmp_path: Path
+) -> None:
+    """A peer restarted on its data_dir has its identity, own and cached posts."""
+    (star,) = await peers(1)
+    await star.register("star", "pw")
+    star_post = await star.post("cached elsewhere")
+    (fan,) = await peers(1, data_dir=tmp_path / "fan")
+    await fan.register("fan", "pw")
+    await fan.follow("star")
+    await eventually(lambda: holds(fan, star_post))
+    own = await fan.post("my own")
+    await fan.stop()
+    await star.logout()  # the author is gone: the cache must be local
+    (again,) = await peers(1, data_dir=tmp_path / "fan")
+    await again.login("fan", "pw")
+    assert {p.id for p in await again.timeline()} == {own.id, star_post.id}
+
+
+async def test_incoming_streams_posts_as_they_arrive(peers: PeerFactory) -> None:
+    """incoming() yields posts pushed by followees, in arrival order."""
+    star, fan = await star_and_fans(peers, 1)
+    stream = fan.incoming()
+    first = asyncio.ensure_future(anext(stream))
+    await asyncio.sleep(0)  # let the iterator subscribe before posting
+    post = await star.post("live")
+    assert (await asyncio.wait_for(first, 10)).id == post.id
+    await stream.aclose()
+
+
+async def test_suggestions_are_friends_of_friends(peers: PeerFactory) -> None:
+    """Suggestions rank by how many followees follow them; never self or followed."""
+    net = await peers(6)
+    names = ["me", "a", "b", "c", "d", "e"]
+    for peer, name in zip(net, names, strict=True):
+        await peer.register(name, "pw")
+    me, a, b, *_ = net
+    await me.follow("a")
+    await me.follow("b")
+    await a.follow("c")
+    await a.follow("d")
+    await a.follow("me")
+    await b.follow("d")
+    await b.follow("a")
+    assert await me.suggestions() == ["d", "c"]
+    assert await me.suggestions(limit=1) == ["d"]
+
+
+async def test_retention_drops_old_posts_but_keeps_own(peers: PeerFactory) -> None:
+    """The retention policy removes others' old posts at login, keeping one's own."""
+    short = attrs.evolve(FAST, retention=1.0)
+    star, fan = await peers(2, config=short)
+    await star.register("star", "pw")
+    await fan.register("fan", "pw")
+    await fan.follow("star")
+    old = await star.post("soon too old")
+    await eventually(lambda: holds(fan, old))
+    mine = await fan.post("mine")
+    await fan.logout()
+    await star.logout()
+    await asyncio.sleep(1.1)  # let the posts age past the retention period
+    await fan.login("fan", "pw")
+    assert [p.id for p in await fan.timeline()] == [mine.id]
+
+
+async def test_stop_is_idempotent_and_frees_the_port(peers: PeerFactory) -> None:
+    """stop() twice is fine, and frees both the UDP and the TCP port."""
+    import socket
+
+    (peer,) = await peers(1)
+    await peer.register("alice", "pw")
+    port = peer.port
+    await peer.stop()
+    await peer.stop()
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.bind(("127.0.0.1", port))
