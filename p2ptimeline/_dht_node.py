@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import logging
 import socket
 import time
-from typing import Any
+from collections.abc import Iterable
 
+import attrs
 from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
 from kademlia.network import Server
-from kademlia.node import Node
+from kademlia.node import Node, NodeHeap
 
 from ._dht_protocol import RecordStorage, RegistryProtocol, StoreReply, decode_value
 from ._errors import DecodeError, InvalidRecord, RegistryUnavailable
@@ -26,17 +28,66 @@ log = logging.getLogger("p2ptimeline.dht")
 _RECEIVE_BUFFER = 4 * 1024 * 1024
 _LOOKUP_TTL = 5.0  # seconds a write reuses the result of a node lookup
 
-Replica = tuple[Node | None, RegistryValue | None]
-"""One node's answer for a key (node None: this node's own storage), the
-value None when it holds nothing valid."""
+
+@attrs.frozen
+class Replica:
+    """One node's answer for a key."""
+
+    node: Node | None
+    """Who answered (None: this node's own storage)."""
+    value: RegistryValue | None
+    """The valid value it holds, if any."""
+    close: bool
+    """Whether the node is one of the `ksize` closest to the key, so should
+    hold it (stale close replicas get repaired; others are left alone)."""
+
+
+class _NodeHeap(NodeHeap):  # type: ignore[misc]  # untyped base class
+    """kademlia's `NodeHeap` with O(1) membership (its own is a linear scan)."""
+
+    def __init__(self, node: Node, maxsize: int) -> None:
+        super().__init__(node, maxsize)
+        self._ids: set[bytes] = set()
+
+    def push(self, nodes: Node | list[Node]) -> None:
+        target = self.node.long_id
+        for node in nodes if isinstance(nodes, list) else [nodes]:
+            if node.id not in self._ids:
+                self._ids.add(node.id)
+                heapq.heappush(self.heap, (node.long_id ^ target, node))
+
+    def remove(self, peers: Iterable[bytes]) -> None:
+        super().remove(peers)
+        self._ids = {node.id for _, node in self.heap}
+
+    def __contains__(self, node: Node) -> bool:
+        return node.id in self._ids
+
+
+class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
+    """kademlia's node lookup, on the faster heap."""
+
+    def __init__(
+        self,
+        protocol: RegistryProtocol,
+        node: Node,
+        peers: list[Node],
+        ksize: int,
+        alpha: int,
+    ) -> None:
+        super().__init__(protocol, node, [], ksize, alpha)
+        self.nearest = _NodeHeap(node, ksize)
+        self.nearest.push(peers)
 
 
 class _ValueCrawl(SpiderCrawl):  # type: ignore[misc]  # untyped base class
     """Finds the replicas of a value among the nodes closest to its key.
 
     Unlike kademlia's `ValueSpiderCrawl`, which returns the first value it
-    meets, it keeps crawling until the `quorum` closest nodes it knows have
-    all answered, and returns every answer: the caller picks the newest.
+    meets, it asks, all at once, the `quorum` closest nodes it knows that it
+    has not asked yet, merges the closer nodes they name, and repeats until
+    the `quorum` closest it knows have all answered. It returns every answer:
+    the caller picks the newest.
     """
 
     protocol: RegistryProtocol
@@ -47,35 +98,38 @@ class _ValueCrawl(SpiderCrawl):  # type: ignore[misc]  # untyped base class
         node: Node,
         peers: list[Node],
         ksize: int,
-        alpha: int,
         quorum: int,
     ) -> None:
-        super().__init__(protocol, node, peers, ksize, alpha)
+        super().__init__(protocol, node, [], ksize, quorum)
+        self.nearest = _NodeHeap(node, ksize)
+        self.nearest.push(peers)
         self.quorum = quorum
         self.answers: dict[bytes, tuple[Node, bytes | None]] = {}
 
     async def find(self) -> dict[bytes, tuple[Node, bytes | None]]:
-        return await self._find(self.protocol.call_find_value)  # type: ignore[no-any-return]
+        asked: set[bytes] = set()
+        while True:
+            closest = list(self.nearest)[: self.quorum]
+            ask = [n for n in closest if n.id not in asked]
+            if not ask:
+                return self.answers
+            asked.update(n.id for n in ask)
+            responses = await asyncio.gather(
+                *(self.protocol.call_find_value(n, self.node) for n in ask)
+            )
+            failed = []
+            for node, (answered, data) in zip(ask, responses, strict=True):
+                if not answered or data is None:
+                    failed.append(node.id)
+                    continue
+                value, nodes = data
+                self.answers[node.id] = (node, value)
+                self.nearest.push([Node(*n) for n in nodes])
+            self.nearest.remove(failed)
 
-    async def _nodes_found(
-        self, responses: dict[bytes, tuple[bool, Any]]
-    ) -> dict[bytes, tuple[Node, bytes | None]]:
-        failed = []
-        for peer_id, (answered, data) in responses.items():
-            peer = self.nearest.get_node(peer_id)
-            if not answered or peer is None:
-                failed.append(peer_id)
-                continue
-            value, nodes = data
-            self.answers[peer_id] = (peer, value)
-            self.nearest.push([Node(*n) for n in nodes])
-        self.nearest.remove(failed)
-        closest = list(self.nearest)[: self.quorum]
-        if self.nearest.have_contacted_all() or all(
-            n.id in self.answers for n in closest
-        ):
-            return self.answers
-        return await self.find()
+    def closest_ids(self) -> set[bytes]:
+        """Ids of the `ksize` closest nodes that answered or were never asked."""
+        return {node.id for node in self.nearest}
 
 
 class DhtNode(Server):  # type: ignore[misc]  # untyped base class
@@ -140,9 +194,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         for node_id in self.protocol.get_refresh_ids():
             node = Node(node_id)
             nearest = self.protocol.router.find_neighbors(node, self.alpha)
-            spider = NodeSpiderCrawl(
-                self.protocol, node, nearest, self.ksize, self.alpha
-            )
+            spider = _NodeCrawl(self.protocol, node, nearest, self.ksize, self.alpha)
             results.append(spider.find())
         await asyncio.gather(*results)
         # Republish what has not been written for an hour (paper, section 2.5).
@@ -157,7 +209,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
     async def read(self, key: bytes, quorum: int) -> list[Replica]:
         """Every valid answer for `key`, from the closest nodes and from here.
 
-        The lookup ends once the `quorum` closest nodes it knows of answered.
+        The lookup ends once the `quorum` closest nodes it knows answered.
 
         Raises:
             RegistryUnavailable: No other node is known.
@@ -165,24 +217,42 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         if not self.has_neighbors():
             raise RegistryUnavailable("no DHT node is reachable")
         target = Node(key)
-        answers: list[tuple[Node | None, bytes | None]] = [
-            (None, self.storage.get(key))
-        ]
         nearest = self.protocol.router.find_neighbors(target)
-        crawl = _ValueCrawl(
-            self.protocol, target, nearest, self.ksize, self.alpha, quorum
-        )
-        answers.extend((await crawl.find()).values())
-        replicas: list[Replica] = []
-        for node, raw in answers:
-            value = None
-            if raw is not None:
-                try:
-                    value = decode_value(self.serializer, key, raw)
-                except (DecodeError, InvalidRecord) as exc:
-                    log.info("ignored an invalid value from %s: %s", node, exc)
-            replicas.append((node, value))
+        crawl = _ValueCrawl(self.protocol, target, nearest, self.ksize, quorum)
+        answers = await crawl.find()
+        close = crawl.closest_ids()
+        decoded: dict[bytes, RegistryValue | None] = {}  # replicas mostly agree
+        replicas = [
+            Replica(
+                None,
+                self._decode(key, self.storage.get(key), decoded),
+                self._is_close(target, list(crawl.nearest)),
+            )
+        ]
+        for node, raw in answers.values():
+            value = self._decode(key, raw, decoded)
+            replicas.append(Replica(node, value, node.id in close))
         return replicas
+
+    def _decode(
+        self, key: bytes, raw: bytes | None, cache: dict[bytes, RegistryValue | None]
+    ) -> RegistryValue | None:
+        if raw is None:
+            return None
+        if raw not in cache:
+            try:
+                cache[raw] = decode_value(self.serializer, key, raw)
+            except (DecodeError, InvalidRecord) as exc:
+                log.info("ignored an invalid value for %s: %s", key.hex()[:12], exc)
+                cache[raw] = None
+        return cache[raw]
+
+    def _is_close(self, target: Node, nearest: list[Node]) -> bool:
+        """Whether this node is among the `ksize` closest to `target`."""
+        if len(nearest) < self.ksize:
+            return True
+        mine = target.long_id ^ self.node.long_id
+        return bool(mine < max(target.long_id ^ n.long_id for n in nearest))
 
     async def write(
         self, key: bytes, value: RegistryValue
@@ -207,9 +277,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         target = Node(key)
         nodes = await self._closest_nodes(target)
         replies: list[tuple[Node | None, StoreReply | None]] = []
-        if len(nodes) < self.ksize or self.node.distance_to(target) < max(
-            n.distance_to(target) for n in nodes
-        ):
+        if self._is_close(target, nodes):
             replies.append((None, self.storage.offer(key, raw)))
         answers = await asyncio.gather(
             *(self.protocol.call_store(n, key, raw) for n in nodes)
@@ -224,7 +292,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         if cached is not None and time.monotonic() - cached[0] < _LOOKUP_TTL:
             return cached[1]
         nearest = self.protocol.router.find_neighbors(target)
-        spider = NodeSpiderCrawl(self.protocol, target, nearest, self.ksize, self.alpha)
+        spider = _NodeCrawl(self.protocol, target, nearest, self.ksize, self.alpha)
         nodes: list[Node] = await spider.find()
         self._lookups[target.id] = (time.monotonic(), nodes)
         self._lookups.move_to_end(target.id)
@@ -246,8 +314,8 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
     def repair_if_stale(
         self, key: bytes, best: RegistryValue, replicas: list[Replica]
     ) -> None:
-        """Repair the replicas that do not hold exactly `best`."""
-        stale = [node for node, value in replicas if value != best]
+        """Repair the close replicas that do not hold exactly `best`."""
+        stale = [r.node for r in replicas if r.close and r.value != best]
         if stale:
             self.repair(key, best, stale)
 

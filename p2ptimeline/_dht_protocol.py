@@ -37,7 +37,7 @@ from typing import Any
 import msgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
-from kademlia.routing import RoutingTable
+from kademlia.routing import KBucket, RoutingTable
 from kademlia.storage import IStorage
 from rpcudp.protocol import RPCProtocol
 
@@ -94,16 +94,20 @@ class RecordStorage(IStorage):  # type: ignore[misc]  # untyped base class
         except (DecodeError, InvalidRecord) as exc:
             log.info("refused a value for %s: %s", key.hex()[:12], exc)
             return Outcome.INVALID, str(exc)
-        return self.offer_value(key, value)
+        return self.offer_value(key, value, raw)
 
-    def offer_value(self, key: bytes, value: RegistryValue) -> StoreReply:
-        """Merge an already validated `value` into what is held under `key`."""
+    def offer_value(
+        self, key: bytes, value: RegistryValue, raw: bytes | None = None
+    ) -> StoreReply:
+        """Merge an already validated `value` (encoded as `raw`) under `key`."""
         held = self._data.get(key)
         kept, outcome, refused = merge(
             held[2] if held else None, value, capacity=self._capacity
         )
         if held is None or kept != held[2]:
-            self._keep(key, self._serializer.encode(kept), kept)
+            if kept is not value or raw is None:
+                raw = self._serializer.encode(kept)
+            self._keep(key, raw, kept)
         elif kept == value:
             # Stored again as is (a replica republishing): as fresh as new, so
             # this node need not republish it within the hour (paper, 2.5).
@@ -167,20 +171,26 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
 
     protocol: RegistryProtocol
 
+    def flush(self) -> None:
+        super().flush()
+        self._contacts: list[Node] | None = None  # all contacts, rebuilt on change
+
     def find_neighbors(
         self, node: Node, k: int | None = None, exclude: Node | None = None
     ) -> list[Node]:
         # kademlia 2.2.3 stops after the first k nodes met walking outwards
         # bucket by bucket, which are not the k closest by XOR distance.
         k = k or self.ksize
-        candidates = [
+        if self._contacts is None:
+            self._contacts = [n for b in self.buckets for n in b.nodes.values()]
+        target = node.long_id
+        closest = sorted(self._contacts, key=lambda n: n.long_id ^ target)[: k + 2]
+        home = None if exclude is None else (exclude.ip, exclude.port)
+        return [
             n
-            for bucket in self.buckets
-            for n in bucket.nodes.values()
-            if n.id != node.id and (exclude is None or not n.same_home_as(exclude))
-        ]
-        candidates.sort(key=node.distance_to)
-        return candidates[:k]
+            for n in closest
+            if n.long_id != target and (home is None or (n.ip, n.port) != home)
+        ][:k]
 
     def get_bucket_for(self, node: Node) -> int:
         # kademlia 2.2.3 compares with < against the inclusive upper bound.
@@ -190,15 +200,26 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         return len(self.buckets) - 1
 
     def add_contact(self, node: Node) -> None:
+        self._contacts = None
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
         if bucket.add_node(node):
             return
-        if bucket.has_in_range(self.node) or bucket.depth() % 5 != 0:
+        if bucket.has_in_range(self.node) or _depth(bucket) % 5 != 0:
             self.split_bucket(index)
             self.add_contact(node)
         else:  # ask the oldest contact whether it is still there (owned task)
             self.protocol.spawn(self.protocol.call_ping(bucket.head()))
+
+    def remove_contact(self, node: Node) -> None:
+        self._contacts = None
+        super().remove_contact(node)
+
+
+def _depth(bucket: KBucket) -> int:
+    """Bits shared by all ids in a bucket (kademlia's `KBucket.depth`, in O(n))."""
+    ids = [n.long_id for n in bucket.nodes.values()]
+    return 160 - (min(ids) ^ max(ids)).bit_length() if ids else 160
 
 
 class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base

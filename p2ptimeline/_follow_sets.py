@@ -157,10 +157,11 @@ class FollowSets:
             replicas = await self._node.read(key, quorum=self._node.ksize)
         merged: dict[bytes, FollowEntry] = {}
         full = key in self._full
-        for _, value in replicas:
-            if value is not None and value.shard is not None:
-                _accumulate(relation, merged, value.shard.entries)
-                full = full or len(value.shard.entries) >= self._capacity
+        for replica in replicas:
+            shard = replica.value.shard if replica.value else None
+            if shard is not None:
+                _accumulate(relation, merged, shard.entries)
+                full = full or len(shard.entries) >= self._capacity
         if full or len(merged) >= self._capacity:
             full = True
             self._full.add(key)
@@ -177,9 +178,10 @@ class FollowSets:
     ) -> None:
         """Send the replicas that miss entries what they would take of `merged`."""
         stale = [
-            node
-            for node, value in replicas
-            if _would_take(relation, value, merged, self._capacity)
+            replica.node
+            for replica in replicas
+            if replica.close
+            and _would_take(relation, replica.value, merged, self._capacity)
         ]
         if not stale:
             return

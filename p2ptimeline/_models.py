@@ -49,12 +49,14 @@ def check_username(name: str) -> bool:
     return isinstance(name, str) and _USERNAME.fullmatch(name) is not None
 
 
-def _username(_: object, attribute: attrs.Attribute[str], value: object) -> None:
+def username(_: object, attribute: attrs.Attribute[str], value: object) -> None:
+    """attrs validator: a valid username (see `check_username`)."""
     if not check_username(value):  # type: ignore[arg-type]
         raise ValueError(f"{attribute.name}: invalid username {value!r}")
 
 
-def _uint(bits: int) -> Any:
+def uint(bits: int) -> Any:
+    """attrs validator: an int (not a bool) in [0, 2**bits)."""
     limit = 1 << bits
 
     def check(_: object, attribute: attrs.Attribute[int], value: object) -> None:
@@ -97,9 +99,9 @@ class HybridTimestamp:
     one millisecond, so timestamps from one clock never repeat or go back.
     """
 
-    physical_ms: int = attrs.field(validator=_uint(47))
+    physical_ms: int = attrs.field(validator=uint(47))
     """Milliseconds since the Unix epoch, as seen by the issuing clock."""
-    logical: int = attrs.field(default=0, validator=_uint(16))
+    logical: int = attrs.field(default=0, validator=uint(16))
     """Counter that orders events sharing `physical_ms`."""
 
     # Hand-written comparisons: timelines and merges compare timestamps a lot,
@@ -167,7 +169,7 @@ class Post(_Signed):
 
     id: bytes = attrs.field(validator=sized_bytes(32), metadata=_UNSIGNED)
     """SHA-256 of the signed payload; unique per post."""
-    author: str = attrs.field(validator=_username)
+    author: str = attrs.field(validator=username)
     """Username of the author."""
     text: str = attrs.field(validator=[_exact(str), _max_len(MAX_POST_CHARS)])
     """The text of the post."""
@@ -244,7 +246,7 @@ class UsernameClaim(_SelfSigned):
 
     DOMAIN: ClassVar[str] = "p2ptimeline/claim/1"
 
-    username: str = attrs.field(validator=_username)
+    username: str = attrs.field(validator=username)
     """The claimed name."""
     public_key: bytes = attrs.field(validator=sized_bytes(PUBLIC_KEY_SIZE))
     """The owner's Ed25519 public key."""
@@ -252,7 +254,7 @@ class UsernameClaim(_SelfSigned):
         validator=[_exact(bytes), _max_len(MAX_SEALED_KEY_SIZE)], repr=False
     )
     """The private key sealed with the owner's password (`Identity.seal`)."""
-    seq: int = attrs.field(validator=_uint(63))
+    seq: int = attrs.field(validator=uint(63))
     """Version of this claim; higher replaces lower."""
     signature: bytes = attrs.field(
         validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
@@ -289,13 +291,13 @@ class Presence(_SelfSigned):
     """The user's public key (the record is keyed by it)."""
     host: str = attrs.field(validator=[_exact(str), _max_len(253)])
     """Host the user's peer listens on (TCP)."""
-    port: int = attrs.field(validator=_uint(16))
+    port: int = attrs.field(validator=uint(16))
     """Port the user's peer listens on (TCP)."""
     online: bool = attrs.field(validator=_exact(bool))
     """False once the user logged out."""
-    expires_ms: int = attrs.field(validator=_uint(48))
+    expires_ms: int = attrs.field(validator=uint(48))
     """Wall-clock time (ms since the epoch) at which the lease lapses."""
-    seq: int = attrs.field(validator=_uint(63))
+    seq: int = attrs.field(validator=uint(63))
     """Version of this record; higher replaces lower."""
     signature: bytes = attrs.field(
         validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
@@ -346,11 +348,11 @@ class FollowEntry(_Signed):
 
     DOMAIN: ClassVar[str] = "p2ptimeline/follow/1"
 
-    follower: str = attrs.field(validator=_username)
+    follower: str = attrs.field(validator=username)
     """Username of the user who follows."""
     follower_key: bytes = attrs.field(validator=sized_bytes(PUBLIC_KEY_SIZE))
     """Public key of the follower; it signs the entry."""
-    followee: str = attrs.field(validator=_username)
+    followee: str = attrs.field(validator=username)
     """Username of the user who is followed."""
     followee_key: bytes = attrs.field(validator=sized_bytes(PUBLIC_KEY_SIZE))
     """Public key of the followee."""

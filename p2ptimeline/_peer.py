@@ -15,7 +15,7 @@ import attrs
 
 from ._clock import ClockSync
 from ._connection import ConnectionPool, Limits, PeerServer
-from ._directory import FollowerDirectory
+from ._directory import Follower, FollowerDirectory
 from ._errors import (
     AuthError,
     InvalidRecord,
@@ -54,6 +54,7 @@ __all__ = ["Notification", "Peer", "PeerConfig"]
 log = logging.getLogger("p2ptimeline.peer")
 
 T = TypeVar("T")
+X = TypeVar("X")
 
 _PAGE = 500  # posts per GetPosts reply
 _MAX_CATCH_UP = 100_000  # posts pulled of one author at most, per sync
@@ -507,7 +508,7 @@ class Peer:
                 return
             counts.update(names - excluded)
 
-        await _bounded(tally(f) for f in sorted(session.following))
+        await _bounded(tally, sorted(session.following))
         ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
         return [name for name, _ in ranked[: max(limit, 0)]]
 
@@ -580,7 +581,7 @@ class Peer:
         session = self._require_session()
         followees = sorted(session.following)
         latest = await self._store.latest(followees)
-        counts = await _bounded(self._pull(f, latest.get(f)) for f in followees)
+        counts = await _bounded(lambda f: self._pull(f, latest.get(f)), followees)
         return sum(counts)
 
     async def _pull_quietly(self, author: str) -> None:
@@ -615,7 +616,7 @@ class Peer:
         me = self.username
         others = [e for e in entries if e.following and e.follower != me][:64]
         presences = await _bounded(
-            self.registry.get_presence(e.follower_key) for e in others
+            lambda e: self.registry.get_presence(e.follower_key), others
         )
         for record in presences:
             if record is not None and record.is_online(now):
@@ -679,16 +680,14 @@ class Peer:
         now = self._clock.now_ms()
         stale = directory.stale(now, recheck_ms=int(self.config.lease * 1000 / 3))
 
-        async def refresh(name: str, key: bytes) -> None:
+        async def refresh(follower: Follower) -> None:
             with contextlib.suppress(RegistryUnavailable):
-                presence = await self.registry.get_presence(key)
+                presence = await self.registry.get_presence(follower.public_key)
                 if presence is not None:
-                    directory.update_presence(name, presence)
-            follower = directory.get(name)
-            if follower is not None:
-                follower.checked_ms = now
+                    directory.update_presence(follower.name, presence)
+            follower.checked_ms = now
 
-        await _bounded(refresh(f.name, f.public_key) for f in stale)
+        await _bounded(refresh, stale)
         return [
             TreeMember(name=f.name, host=f.presence.host, port=f.presence.port)
             for f in directory.online(self._clock.now_ms())
@@ -809,7 +808,7 @@ class Peer:
             except (NetworkError, RemoteError, UnknownUser) as exc:
                 log.debug("could not announce to %s: %s", followee, exc)
 
-        await _bounded(tell(f) for f in sorted(session.following))
+        await _bounded(tell, sorted(session.following))
 
     # Helpers
 
@@ -907,12 +906,18 @@ def _forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], No
     return done
 
 
-async def _bounded(coros: Iterable[Awaitable[T]], limit: int = _CONCURRENCY) -> list[T]:
-    """Run coroutines with at most `limit` at a time; results in order."""
+async def _bounded(
+    job: Callable[[X], Awaitable[T]], items: Iterable[X], limit: int = _CONCURRENCY
+) -> list[T]:
+    """`job(item)` for every item, at most `limit` at a time; results in order.
+
+    Each coroutine is created only when its turn comes, so none is left
+    un-awaited if this is cancelled.
+    """
     slots = asyncio.Semaphore(limit)
 
-    async def run(coro: Awaitable[T]) -> T:
+    async def run(item: X) -> T:
         async with slots:
-            return await coro
+            return await job(item)
 
-    return await asyncio.gather(*(run(c) for c in coros))
+    return await asyncio.gather(*(run(item) for item in items))

@@ -462,9 +462,9 @@ class DhtRegistry:
         replicas = await self._started().read(key, self.read_quorum)
         votes: collections.Counter[bytes] = collections.Counter()
         newest: dict[bytes, UsernameClaim] = {}
-        for _, value in replicas:
-            if value is not None and value.claim is not None:
-                claim = value.claim
+        for replica in replicas:
+            if replica.value is not None and replica.value.claim is not None:
+                claim = replica.value.claim
                 votes[claim.public_key] += 1
                 best = newest.get(claim.public_key)
                 if best is None or claim.seq > best.seq:
@@ -508,7 +508,7 @@ class DhtRegistry:
     async def _read_presence(self, public_key: bytes) -> Presence | None:
         key = presence_key(public_key)
         replicas: list[Replica] = await self._started().read(key, self.read_quorum)
-        records = [v.presence for _, v in replicas if v is not None and v.presence]
+        records = [r.value.presence for r in replicas if r.value and r.value.presence]
         if not records:
             return None
         newest = max(records, key=lambda p: p.seq)

@@ -226,7 +226,7 @@ class CborSerializer:
     """
 
     def __init__(self) -> None:
-        self._tree = _Tree(bytes_out=lambda b: b, bytes_in=_exact_bytes)
+        self._tree = _CBOR_TREE
         self._no_tags = dict.fromkeys(_CBOR_SEMANTIC_TAGS, _reject_tag)
 
     def encode(self, value: Any) -> bytes:
@@ -277,10 +277,7 @@ class JsonSerializer:
     """A readable `Serializer`: UTF-8 JSON, with bytes as base64 strings."""
 
     def __init__(self) -> None:
-        self._tree = _Tree(
-            bytes_out=lambda b: base64.b64encode(b).decode("ascii"),
-            bytes_in=_b64decode,
-        )
+        self._tree = _JSON_TREE
 
     def encode(self, value: Any) -> bytes:
         """Encode `value` as compact JSON."""
@@ -304,3 +301,12 @@ def _b64decode(data: Any) -> bytes:
 
 def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# One converter cache per encoding, shared by all serializer instances.
+_CBOR_TREE = _Tree(bytes_out=_identity, bytes_in=_exact_bytes)
+_JSON_TREE = _Tree(bytes_out=_b64encode, bytes_in=_b64decode)

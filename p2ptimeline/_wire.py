@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 
 from ._errors import DecodeError, ProtocolError
-from ._models import FollowEntry, HybridTimestamp, Post, Presence
+from ._models import FollowEntry, HybridTimestamp, Post, Presence, uint, username
 from ._serializer import Serializer
 
 __all__ = [
@@ -48,11 +48,11 @@ _LENGTH = struct.Struct("!I")
 class TreeMember:
     """A follower in a dissemination tree, with where to reach it."""
 
-    name: str
+    name: str = attrs.field(validator=username)
     """The follower's username."""
-    host: str
+    host: str = attrs.field(validator=attrs.validators.max_len(253))
     """Host of the follower's peer."""
-    port: int
+    port: int = attrs.field(validator=uint(16))
     """TCP port of the follower's peer."""
 
 
@@ -135,9 +135,9 @@ class Frame:
 
     version: int
     """Protocol version of the sender."""
-    request_id: int = attrs.field(validator=attrs.validators.ge(0))
+    request_id: int = attrs.field(validator=uint(63))
     """The sender's id for a request (0 in replies)."""
-    reply_to: int = attrs.field(default=0, validator=attrs.validators.ge(0))
+    reply_to: int = attrs.field(default=0, validator=uint(63))
     """In a reply, the id of the request it answers."""
     push: PostPush | None = None
     get: GetPosts | None = None

@@ -1,0 +1,341 @@
+"""DisseminationTree: k-ary plans in heap order, re-homing and rotation."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import random
+from collections.abc import Sequence
+from typing import TypeVar
+
+import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+import p2ptimeline as pt
+from p2ptimeline._wire import TreeMember
+
+fanouts = st.integers(1, 8)
+member_counts = st.integers(0, 2000)
+post_ids = st.binary(min_size=32, max_size=32)
+
+T = TypeVar("T")
+
+
+def _members(n: int) -> list[str]:
+    return [f"user{i}" for i in range(n)]
+
+
+def _key(member: str) -> str:
+    return member
+
+
+def _post_id(i: int) -> bytes:
+    return hashlib.sha256(b"post %d" % i).digest()
+
+
+def _heap_subtree(tree: Sequence[T], index: int, k: int) -> list[T]:
+    """Oracle: the subtree at `index`, level by level, from explicit child lists."""
+    nodes: list[T] = []
+    level = [index]
+    while level:
+        nodes.extend(tree[i] for i in level)
+        level = [
+            c for i in level for c in range(k * i + 1, k * i + k + 1) if c < len(tree)
+        ]
+    return nodes
+
+
+def _check(planner: pt.DisseminationTree, tree: list[str]) -> int:
+    """Check every node of a heap-ordered `tree`; returns its depth in hops.
+
+    At each node, children() must be the oracle's subtrees of its k children,
+    and together they hold the subtree minus its root, each member once.
+    """
+    k = planner.fanout
+    deepest = 0
+    stack = [(tree, 0)]
+    while stack:
+        sub, depth = stack.pop()
+        deepest = max(deepest, depth)
+        children = planner.children(sub)
+        assert len(children) == min(k, len(sub) - 1)
+        assert children == [
+            _heap_subtree(sub, c, k) for c in range(1, len(children) + 1)
+        ]
+        assert sorted(m for child in children for m in child) == sorted(sub[1:])
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _plan(k: int, n: int, post_id: bytes) -> list[list[str]]:
+    return pt.DisseminationTree(k).plan(
+        "author", _members(n), post_id=post_id, key=_key
+    )
+
+
+def _heap_of(
+    planner: pt.DisseminationTree, root: str, subtrees: list[list[str]]
+) -> list[str]:
+    """The heap array whose children() are `subtrees` (inverse of children)."""
+    k = planner.fanout
+    size = 1 + sum(len(s) for s in subtrees)
+    tree: list[str | None] = [None] * size
+    tree[0] = root
+    for j, sub in enumerate(subtrees, start=1):
+        positions = _heap_subtree(range(size), j, k)
+        for position, member in zip(positions, sub, strict=True):
+            tree[position] = member
+    assert None not in tree
+    return [m for m in tree if m is not None]
+
+
+# Construction
+
+
+@pytest.mark.parametrize("fanout", [0, -1, 65])
+def test_fanout_out_of_range_is_usage_error(fanout: int) -> None:
+    """A fanout outside 1..64 is a UsageError (and a ValueError)."""
+    with pytest.raises(pt.UsageError, match="fanout"):
+        pt.DisseminationTree(fanout)
+    with pytest.raises(ValueError, match="fanout"):
+        pt.DisseminationTree(fanout)
+
+
+def test_default_fanout_is_binary() -> None:
+    """The default tree is binary, and 1 and 64 are accepted."""
+    assert pt.DisseminationTree().fanout == 2
+    assert pt.DisseminationTree(1).fanout == 1
+    assert pt.DisseminationTree(64).fanout == 64
+
+
+# Heap order, by example
+
+
+def test_children_of_a_binary_heap() -> None:
+    """Positions 1 and 2 root the subtrees; their levels are contiguous runs."""
+    tree = [str(i) for i in range(10)]
+    assert pt.DisseminationTree(2).children(tree) == [
+        ["1", "3", "4", "7", "8", "9"],
+        ["2", "5", "6"],
+    ]
+
+
+def test_children_of_a_ternary_heap() -> None:
+    """With k=3, node i has children 3i+1..3i+3."""
+    tree = [str(i) for i in range(14)]
+    assert pt.DisseminationTree(3).children(tree) == [
+        ["1", "4", "5", "6", "13"],
+        ["2", "7", "8", "9"],
+        ["3", "10", "11", "12"],
+    ]
+
+
+def test_fanout_one_is_a_chain() -> None:
+    """With k=1 the tree is a chain: one child carrying everyone else."""
+    tree = ["a", "b", "c", "d"]
+    planner = pt.DisseminationTree(1)
+    assert planner.children(tree) == [["b", "c", "d"]]
+    assert planner.subtree(tree, 2) == ["c", "d"]
+    assert planner.depth(4) == 3
+    (chain,) = _plan(1, 2000, _post_id(0))
+    assert len(chain) == 2000
+    assert planner.children(chain) == [chain[1:]]
+    assert planner.depth(2001) == 2000
+
+
+def test_leaves_and_empty_trees_have_no_children() -> None:
+    """A lone root (or an empty array) has no subtrees to send."""
+    planner = pt.DisseminationTree(3)
+    assert planner.children(["a"]) == []
+    assert planner.children([]) == []
+
+
+def test_plan_with_no_followers_sends_nothing() -> None:
+    """An author without online followers sends no frame."""
+    assert _plan(2, 0, _post_id(0)) == []
+
+
+def test_plan_with_few_followers_sends_one_each() -> None:
+    """With at most k followers, each gets a subtree of just itself."""
+    plan = _plan(4, 3, _post_id(0))
+    assert sorted(plan) == [["user0"], ["user1"], ["user2"]]
+
+
+def test_subtree_of_a_subtree() -> None:
+    """A subtree is a heap array of the same arity: subtrees nest."""
+    k = 3
+    planner = pt.DisseminationTree(k)
+    tree = [str(i) for i in range(200)]
+    for i in range(len(tree)):
+        sub = planner.subtree(tree, i)
+        assert sub == _heap_subtree(tree, i, k)
+        for j in range(1, k + 1):
+            if k * i + j < len(tree):
+                assert planner.subtree(sub, j) == planner.subtree(tree, k * i + j)
+
+
+@pytest.mark.parametrize(
+    ("k", "size", "depth"),
+    [
+        *[(2, 0, 0), (2, 1, 0), (2, 2, 1), (2, 3, 1), (2, 4, 2), (2, 7, 2), (2, 8, 3)],
+        *[(3, 4, 1), (3, 5, 2), (3, 13, 2), (3, 14, 3), (1, 1, 0), (1, 5, 4)],
+    ],
+)
+def test_depth_examples(k: int, size: int, depth: int) -> None:
+    """depth(size) is the number of hops to the deepest node of a full k-ary heap."""
+    assert pt.DisseminationTree(k).depth(size) == depth
+
+
+def test_works_with_tree_members() -> None:
+    """Plans work on the TreeMember values the peer sends, keyed by name."""
+    members = [TreeMember(name=f"u{i}", host="127.0.0.1", port=i) for i in range(50)]
+    root = TreeMember(name="author", host="127.0.0.1", port=9)
+    plan = pt.DisseminationTree(3).plan(
+        root, members, post_id=_post_id(1), key=lambda m: m.name
+    )
+    assert len(plan) == 3
+    assert sorted(m.port for sub in plan for m in sub) == list(range(50))
+
+
+# Properties of plans
+
+
+@settings(max_examples=60)
+@given(k=fanouts, n=member_counts, post_id=post_ids)
+@example(k=1, n=2000, post_id=bytes(32))
+@example(k=8, n=2000, post_id=bytes(32))
+def test_plan_reaches_every_member_once(k: int, n: int, post_id: bytes) -> None:
+    """At most k subtrees, each member in exactly one, the author in none."""
+    plan = _plan(k, n, post_id)
+    assert len(plan) == min(k, n)
+    flat = [m for sub in plan for m in sub]
+    assert len(flat) == n
+    assert sorted(flat) == sorted(_members(n))
+    assert all(sub for sub in plan)
+
+
+@settings(max_examples=60)
+@given(
+    k=fanouts,
+    n=member_counts,
+    post_id=post_ids,
+)
+@example(k=2, n=2000, post_id=bytes(32))
+@example(k=3, n=1999, post_id=bytes(32))
+@example(k=8, n=2000, post_id=bytes(32))
+def test_plan_is_heap_ordered_with_logarithmic_depth(
+    k: int, n: int, post_id: bytes
+) -> None:
+    """Every subtree is heap ordered all the way down, and depth(n+1) hops deep."""
+    if k == 1:
+        n = min(n, 300)  # a chain: checking every node is quadratic in n
+    planner = pt.DisseminationTree(k)
+    plan = planner.plan("author", _members(n), post_id=post_id, key=_key)
+    tree = _heap_of(planner, "author", plan)
+    assert planner.children(tree) == plan
+    depth = _check(planner, tree)
+    assert depth == planner.depth(n + 1)
+    # The levels are full but the last: the fewest levels that hold n + 1 nodes.
+    levels = [k**i for i in range(depth + 1)]
+    assert sum(levels[:-1]) < n + 1 <= sum(levels)
+    if k >= 2 and n:
+        assert k ** (depth - 1) <= n  # O(log_k n) hops
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_author_sends_at_most_k_frames(k: int) -> None:
+    """The author sends min(k, n) frames, however many followers there are."""
+    for n in [0, 1, k, k + 1, 100, 2000]:
+        assert len(_plan(k, n, _post_id(n))) == min(k, n)
+
+
+@settings(max_examples=60)
+@given(data=st.data(), k=fanouts, n=st.integers(1, 2000), post_id=post_ids)
+def test_rehoming_a_subtree_loses_no_one(
+    data: st.DataObject, k: int, n: int, post_id: bytes
+) -> None:
+    """For any node, children() of its subtree is that subtree minus the node."""
+    planner = pt.DisseminationTree(k)
+    plan = _plan(k, n, post_id)
+    tree = _heap_of(planner, "author", plan)
+    for _ in range(5):
+        position = data.draw(st.integers(1, n), label="position")
+        sub = planner.subtree(tree, position)
+        rehomed = [m for child in planner.children(sub) for m in child]
+        assert sorted(rehomed) == sorted(sub[1:])
+        assert tree[position] not in rehomed
+
+
+@settings(max_examples=40)
+@given(
+    k=fanouts,
+    n=st.integers(0, 400),
+    post_id=post_ids,
+    failed=st.sets(st.integers(0, 399), max_size=60),
+)
+def test_dissemination_with_failures_delivers_each_live_member_once(
+    k: int, n: int, post_id: bytes, failed: set[int]
+) -> None:
+    """Simulated push with unreachable nodes: each live member gets it exactly once.
+
+    A sender whose child is unreachable sends to children() of that child's
+    subtree instead, exactly as the peer does.
+    """
+    planner = pt.DisseminationTree(k)
+    down = {f"user{i}" for i in failed}
+    received: collections.Counter[str] = collections.Counter()
+
+    def push(sub: list[str]) -> None:
+        if sub[0] in down:
+            for child in planner.children(sub):
+                push(child)
+            return
+        received[sub[0]] += 1
+        for child in planner.children(sub):
+            push(child)
+
+    for sub in planner.plan("author", _members(n), post_id=post_id, key=_key):
+        push(sub)
+    live = {m for m in _members(n) if m not in down}
+    assert set(received) == live
+    assert all(count == 1 for count in received.values())
+
+
+@given(k=fanouts, n=member_counts, post_id=post_ids)
+def test_plan_is_deterministic(k: int, n: int, post_id: bytes) -> None:
+    """The same post id gives the same plan, whatever the input order."""
+    members = _members(n)
+    shuffled = random.Random(post_id).sample(members, len(members))
+    planner = pt.DisseminationTree(k)
+    assert planner.plan("a", members, post_id=post_id, key=_key) == planner.plan(
+        "a", shuffled, post_id=post_id, key=_key
+    )
+    assert pt.DisseminationTree(k).plan(
+        "a", members, post_id=post_id, key=_key
+    ) == planner.plan("a", members, post_id=post_id, key=_key)
+
+
+def test_interior_positions_rotate() -> None:
+    """Across posts, no member is the author's first child in >= 20% of them."""
+    rng = random.Random(1234)
+    planner = pt.DisseminationTree(2)
+    members = _members(100)
+    first_children: collections.Counter[str] = collections.Counter()
+    interior: collections.Counter[str] = collections.Counter()
+    for _ in range(200):
+        post_id = rng.randbytes(32)
+        plan = planner.plan("author", members, post_id=post_id, key=_key)
+        first_children[plan[0][0]] += 1
+        for sub in plan:
+            interior[sub[0]] += 1
+    (_, most), *_ = first_children.most_common(1)
+    assert most < 0.2 * 200
+    assert len(first_children) > 50
+    assert max(interior.values()) < 0.2 * 200
+
+
+def test_different_posts_give_different_plans() -> None:
+    """Two post ids give different member orders (the seed is used)."""
+    plans = {tuple(tuple(sub) for sub in _plan(3, 30, _post_id(i))) for i in range(20)}
+    assert len(plans) == 20
