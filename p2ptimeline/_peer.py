@@ -409,7 +409,11 @@ class Peer:
             username, "followers", session.directory.names()
         )
         self._session = session
-        await registry.set_presence(username, identity, self.address, online=True)
+        try:
+            await registry.set_presence(username, identity, self.address, online=True)
+        except BaseException:
+            await self._end_session()
+            raise
         await self._apply_retention()
         self._session_task(session, self._announce(session))
         self._session_task(session, self._every(self.config.pull_interval, self.sync))

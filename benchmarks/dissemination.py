@@ -1,0 +1,633 @@
+"""Dissemination benchmark: the k-ary push tree against direct sends, churn, catch-up.
+
+All peers run in this process on 127.0.0.1 (ports chosen by the OS), joined
+through one bootstrap `DhtRegistry`, with in-memory stores and no NTP. In one
+run:
+
+* tree: one author and N online followers (each subscribed with
+  `Peer.incoming()`); the author posts P times with `Peer.post`, one post at a
+  time, and each post is timed from just before `post()` until the last
+  follower has it (and until 50% and 90% of them have it);
+* naive baseline, on the same network, interleaved with the tree posts: the
+  author sends each post itself to every follower, one `PostPush` each
+  carrying only that follower (all at once, or `--naive-concurrency` at a
+  time), through its own connection pool;
+* churn: 20% of the followers, chosen at random, crash (no logout: their
+  presence leases stay valid, so the author still plans them into trees);
+  then P more posts of each kind. Delivery counts the live followers only;
+* catch-up: another network of 100 followees and one reader following all of
+  them. The reader logs out, each followee posts 100 times, and the reader's
+  `login()` (which pulls what was missed) is timed; repeated `--rounds` times.
+
+Frames are the `PostPush` requests each peer makes (every try counts, those
+to crashed peers included), counted by wrapping each peer's connection pool.
+A new post starts only when every peer has finished forwarding the previous
+one. Everything runs on one event loop, so a latency here is the CPU time of
+every peer a post passes through, on a machine shared by all of them.
+
+Run: python benchmarks/dissemination.py [--followers 1000] [--posts 10]
+    [--churn 0.2] [--ksize 8] [--fanout 2] [--lease 300] [--naive-concurrency 0]
+    [--followees 100] [--catch-up-posts 100] [--rounds 3] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import gc
+import logging
+import math
+import random
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import attrs
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import header, percentile
+
+import p2ptimeline as pt
+from p2ptimeline._wire import Message, PostPush, TreeMember
+from p2ptimeline.testing import crash
+
+HOST = "127.0.0.1"
+SETUP_CONCURRENCY = 32
+T = TypeVar("T")
+
+
+async def bounded(
+    job: Callable[[T], Awaitable[object]], items: Iterable[T], limit: int
+) -> None:
+    """`job(item)` for every item, at most `limit` at a time."""
+    slots = asyncio.Semaphore(limit)
+
+    async def run(item: T) -> None:
+        async with slots:
+            await job(item)
+
+    await asyncio.gather(*(run(item) for item in items))
+
+
+async def wait_until(condition: Callable[[], bool], within: float) -> bool:
+    """Poll `condition` every 10 ms for up to `within` seconds; its last value."""
+    deadline = time.perf_counter() + within
+    while not condition():
+        if time.perf_counter() > deadline:
+            return False
+        # Nothing announces that background forwarding is over: poll.
+        await asyncio.sleep(0.01)
+    return True
+
+
+class Observer:
+    """Arrival times of posts at followers, and the pushes every peer sends."""
+
+    def __init__(self) -> None:
+        self.arrivals: dict[bytes, list[float]] = collections.defaultdict(list)
+        # post id -> sender name -> PostPush requests made
+        self.frames: dict[bytes, collections.Counter[str]] = collections.defaultdict(
+            collections.Counter
+        )
+        self._waiting: dict[bytes, tuple[int, asyncio.Event]] = {}
+        self._consumers: list[asyncio.Task[None]] = []
+
+    def count_pushes(self, name: str, peer: pt.Peer) -> None:
+        """Count every `PostPush` that `peer` sends, per post (as tests do)."""
+        assert peer._pool is not None
+        request = peer._pool.request
+
+        async def counting(address: tuple[str, int], message: Message) -> Message:
+            if isinstance(message, PostPush):
+                self.frames[message.post.id][name] += 1
+            return await request(address, message)
+
+        peer._pool.request = counting  # type: ignore[method-assign]
+
+    async def subscribe(self, peers: Sequence[pt.Peer]) -> None:
+        """One consumer of `incoming()` per peer; returns once all listen."""
+
+        async def consume(peer: pt.Peer) -> None:
+            async for post in peer.incoming():
+                arrived = self.arrivals[post.id]
+                arrived.append(time.perf_counter())
+                waiting = self._waiting.get(post.id)
+                if waiting is not None and len(arrived) >= waiting[0]:
+                    waiting[1].set()
+
+        self._consumers += [asyncio.create_task(consume(p)) for p in peers]
+        await wait_until(lambda: all(p._subscribers for p in peers), 10.0)
+
+    def expect(self, post_id: bytes, receivers: int) -> asyncio.Event:
+        """An event set once `receivers` followers have `post_id`."""
+        event = asyncio.Event()
+        self._waiting[post_id] = (receivers, event)
+        if len(self.arrivals[post_id]) >= receivers:
+            event.set()
+        return event
+
+    async def close(self) -> None:
+        for task in self._consumers:
+            task.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+
+
+@attrs.frozen(kw_only=True)
+class Delivery:
+    """One post's delivery."""
+
+    receivers: int
+    """Live followers that should get it."""
+    times: list[float]
+    """Seconds from the send to each arrival, sorted."""
+    author_frames: int
+    """PostPush requests made by the author."""
+    busiest_frames: int
+    """The most PostPush requests made by any one peer (the author included)."""
+    send_errors: int = 0
+    """Naive sends that raised (to crashed followers, under churn)."""
+
+    def at(self, fraction: float) -> float | None:
+        """Seconds until `fraction` of the receivers had the post, if they did."""
+        needed = max(1, math.ceil(fraction * self.receivers))
+        return self.times[needed - 1] if len(self.times) >= needed else None
+
+
+@attrs.frozen(kw_only=True)
+class Phase:
+    """The deliveries of one kind of send, in one state of the network."""
+
+    label: str
+    """What was measured."""
+    deliveries: list[Delivery]
+    """One per post."""
+
+    def complete(self) -> bool:
+        return all(len(d.times) == d.receivers for d in self.deliveries)
+
+    def percent(self) -> str:
+        got = sum(len(d.times) for d in self.deliveries)
+        wanted = sum(d.receivers for d in self.deliveries)
+        return f"{100 * got / wanted:.2f}% ({got:,}/{wanted:,})"
+
+    def last(self) -> list[float]:
+        """Time to last delivery of each post that reached every receiver."""
+        return [d.times[-1] for d in self.deliveries if len(d.times) == d.receivers]
+
+    def row(self) -> str:
+        last = self.last()
+        missed = len(self.deliveries) - len(last)
+
+        def median_at(fraction: float) -> str:
+            values = [d.at(fraction) for d in self.deliveries]
+            reached = [v for v in values if v is not None]
+            return seconds(statistics.median(reached)) if reached else "-"
+
+        authors = [d.author_frames for d in self.deliveries]
+        busiest = [d.busiest_frames for d in self.deliveries]
+        errors = sum(d.send_errors for d in self.deliveries)
+        note = f" ({missed} incomplete)" if missed else ""
+        note += f" ({errors:,} send errors)" if errors else ""
+        return (
+            f"| {self.label} | {self.deliveries[0].receivers:,} "
+            f"| {seconds(statistics.median(last)) if last else '-'}{note} "
+            f"| {seconds(percentile(last, 99)) if last else '-'} "
+            f"| {median_at(0.5)} | {median_at(0.9)} | {self.percent()} "
+            f"| {statistics.median(authors):g} (max {max(authors)}) "
+            f"| {statistics.median(busiest):g} (max {max(busiest)}) |"
+        )
+
+
+def seconds(value: float) -> str:
+    return f"{value:.3f} s" if value >= 1 else f"{value * 1000:.0f} ms"
+
+
+@attrs.define
+class Network:
+    """An author, its followers, and everything needed to stop them."""
+
+    boot: pt.DhtRegistry
+    author: pt.Peer
+    followers: list[pt.Peer]
+    names: dict[pt.Peer, str]
+    observer: Observer
+    crashed: set[pt.Peer] = attrs.field(factory=set)
+
+    @property
+    def live(self) -> list[pt.Peer]:
+        return [f for f in self.followers if f not in self.crashed]
+
+    async def stop(self) -> float:
+        """Stop every peer (with a logout), then the bootstrap node; seconds taken."""
+        started = time.perf_counter()
+        await self.observer.close()
+        await bounded(
+            lambda p: p.stop(), [self.author, *self.followers], SETUP_CONCURRENCY * 2
+        )
+        await self.boot.stop()
+        return time.perf_counter() - started
+
+
+def make_peer(boot: pt.DhtRegistry, config: pt.PeerConfig) -> pt.Peer:
+    return pt.Peer(
+        HOST,
+        0,
+        [boot.address],
+        clock=pt.ClockSync(servers=[]),
+        store=pt.MemoryStore(),
+        config=config,
+    )
+
+
+async def start_network(
+    followers: int, config: pt.PeerConfig
+) -> tuple[Network, dict[str, float]]:
+    """Start, register and subscribe an author and its followers; timings."""
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    boot = pt.DhtRegistry(ksize=config.ksize)
+    await boot.start(HOST, 0)
+    peers = [make_peer(boot, config) for _ in range(followers + 1)]
+    # The author first, so that the followers' DHT lookups can find it.
+    await peers[0].start()
+    await bounded(lambda p: p.start(), peers[1:], SETUP_CONCURRENCY)
+    timings["start peers"] = time.perf_counter() - started
+
+    mark = time.perf_counter()
+    names = {p: f"fan{i}" for i, p in enumerate(peers)}
+    names[peers[0]] = "author"
+    await peers[0].register("author", "pw")
+    await bounded(lambda p: p.register(names[p], "pw"), peers[1:], SETUP_CONCURRENCY)
+    timings["register"] = time.perf_counter() - mark
+
+    mark = time.perf_counter()
+    await bounded(lambda p: p.follow("author"), peers[1:], SETUP_CONCURRENCY)
+    timings["follow"] = time.perf_counter() - mark
+
+    observer = Observer()
+    for peer in peers:
+        observer.count_pushes(names[peer], peer)
+    await observer.subscribe(peers[1:])
+    net = Network(
+        boot=boot,
+        author=peers[0],
+        followers=peers[1:],
+        names=names,
+        observer=observer,
+    )
+    return net, timings
+
+
+async def tree_send(net: Network, text: str) -> tuple[pt.Post, Awaitable[int]]:
+    """`Peer.post`: the author stores the post and pushes it down a tree."""
+    post = await net.author.post(text)
+    return post, no_errors()
+
+
+async def no_errors() -> int:
+    return 0
+
+
+async def naive_send(
+    net: Network, text: str, concurrency: int
+) -> tuple[pt.Post, Awaitable[int]]:
+    """The author sends the post to each online follower itself."""
+    author = net.author
+    session = author._session
+    assert session is not None and author._pool is not None
+    post = pt.Post.create(session.identity, "author", text, author._hlc.now())
+    await author._store.add([post])
+    members = await author._online_followers(session)
+    request = author._pool.request
+    slots = asyncio.Semaphore(concurrency or len(members) or 1)
+
+    async def send(member: TreeMember) -> None:
+        push = PostPush(post=post, fanout=author.config.fanout, tree=(member,))
+        async with slots:
+            await request((member.host, member.port), push)
+
+    async def send_all() -> int:
+        results = await asyncio.gather(
+            *(send(m) for m in members), return_exceptions=True
+        )
+        return sum(isinstance(r, Exception) for r in results)
+
+    return post, asyncio.ensure_future(send_all())
+
+
+Send = Callable[[Network, str], Awaitable[tuple[pt.Post, Awaitable[int]]]]
+
+
+async def deliver(net: Network, send: Send, text: str, deadline: float) -> Delivery:
+    """Send one post, wait for it to reach every live follower; its figures."""
+    live = net.live
+    observer = net.observer
+    started = time.perf_counter()
+    post, sending = await send(net, text)
+    arrived = observer.expect(post.id, len(live))
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(deadline):
+            await arrived.wait()
+    errors = await sending
+    # Let every forwarder finish (retries to crashed peers included), so that
+    # the frame counts are complete and posts do not overlap.
+    busy = [net.author, *live]
+    await wait_until(lambda: not any(p._tasks for p in busy), deadline)
+    frames = observer.frames.get(post.id, collections.Counter())
+    return Delivery(
+        receivers=len(live),
+        times=sorted(t - started for t in observer.arrivals[post.id]),
+        author_frames=frames["author"],
+        busiest_frames=max(frames.values(), default=0),
+        send_errors=errors,
+    )
+
+
+async def measure(
+    net: Network, label: str, posts: int, naive_concurrency: int, deadline: float
+) -> tuple[Phase, Phase]:
+    """`posts` tree posts and as many naive ones, interleaved."""
+    tree: list[Delivery] = []
+    naive: list[Delivery] = []
+
+    async def naively(net: Network, text: str) -> tuple[pt.Post, Awaitable[int]]:
+        return await naive_send(net, text, naive_concurrency)
+
+    for i in range(posts):
+        tree.append(await deliver(net, tree_send, f"{label}: tree post {i}", deadline))
+        naive.append(await deliver(net, naively, f"{label}: naive post {i}", deadline))
+    return (
+        Phase(label=f"{label}: tree (Peer.post)", deliveries=tree),
+        Phase(label=f"{label}: baseline, direct sends", deliveries=naive),
+    )
+
+
+async def presence_refresh(net: Network) -> float:
+    """Seconds for the author to re-read every follower's presence from the DHT,
+    as `Peer._online_followers` does (16 at a time) once its copies expired."""
+    author = net.author
+    session = author._session
+    assert session is not None
+    known = (session.directory.get(net.names[f]) for f in net.live)
+    keys = [f.public_key for f in known if f is not None]
+    started = time.perf_counter()
+    slots = asyncio.Semaphore(16)
+
+    async def read(key: bytes) -> None:
+        async with slots:
+            await author.registry.get_presence(key)
+
+    await asyncio.gather(*(read(k) for k in keys))
+    return time.perf_counter() - started
+
+
+@attrs.frozen(kw_only=True)
+class CatchUp:
+    """One login of the reader after it missed posts."""
+
+    login_s: float
+    """Seconds `login()` took, pulling included."""
+    pulled: int
+    """Posts the reader gained."""
+    expected: int
+    """Posts it should have gained."""
+
+
+async def catch_up(
+    followees: int, per_followee: int, rounds: int, config: pt.PeerConfig
+) -> tuple[list[CatchUp], float, float]:
+    """The reader misses `per_followee` posts of each followee, `rounds` times.
+
+    Returns each round, the setup time and the posting time of the last round.
+    """
+    started = time.perf_counter()
+    boot = pt.DhtRegistry(ksize=config.ksize)
+    await boot.start(HOST, 0)
+    peers = [make_peer(boot, config) for _ in range(followees + 1)]
+    reader, authors = peers[0], peers[1:]
+    results: list[CatchUp] = []
+    posting_s = 0.0
+    try:
+        await bounded(lambda p: p.start(), peers, SETUP_CONCURRENCY)
+        await bounded(
+            lambda i: authors[i].register(f"author{i}", "pw"),
+            range(followees),
+            SETUP_CONCURRENCY,
+        )
+        await reader.register("reader", "pw")
+        await bounded(
+            lambda i: reader.follow(f"author{i}"), range(followees), SETUP_CONCURRENCY
+        )
+        setup_s = time.perf_counter() - started
+        have = 0
+        for round_ in range(rounds):
+            await reader.logout()
+            mark = time.perf_counter()
+
+            async def write(author: pt.Peer) -> None:
+                for i in range(per_followee):
+                    await author.post(f"round {round_} post {i} by {author.username}")
+
+            await asyncio.gather(*(write(a) for a in authors))
+            await wait_until(lambda: not any(a._tasks for a in authors), 60.0)
+            posting_s = time.perf_counter() - mark
+            mark = time.perf_counter()
+            await reader.login("reader", "pw")
+            login_s = time.perf_counter() - mark
+            total = len(await reader.timeline(limit=(rounds + 1) * followees * 1000))
+            results.append(
+                CatchUp(
+                    login_s=login_s,
+                    pulled=total - have,
+                    expected=followees * per_followee,
+                )
+            )
+            have = total
+    finally:
+        await bounded(lambda p: p.stop(), peers, SETUP_CONCURRENCY * 2)
+        await boot.stop()
+    return results, setup_s, posting_s
+
+
+def raise_open_files(wanted: int) -> int:
+    """Raise the soft limit of open files towards `wanted`; the new limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--followers", type=int, default=1000)
+    parser.add_argument("--posts", type=int, default=10, help="posts of each kind")
+    parser.add_argument("--churn", type=float, default=0.2, help="share that crash")
+    parser.add_argument("--ksize", type=int, default=8, help="Kademlia k")
+    parser.add_argument("--fanout", type=int, default=2, help="tree arity k")
+    parser.add_argument(
+        "--lease", type=float, default=300.0, help="presence lease, seconds"
+    )
+    parser.add_argument(
+        "--naive-concurrency",
+        type=int,
+        default=0,
+        help="baseline sends in flight at once (0: all at once)",
+    )
+    parser.add_argument("--deadline", type=float, default=30.0, help="per post, s")
+    parser.add_argument("--followees", type=int, default=100, help="catch-up")
+    parser.add_argument(
+        "--catch-up-posts", type=int, default=100, help="per followee per round"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="catch-up rounds")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    for name in ("kademlia", "rpcudp"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    logging.getLogger("p2ptimeline").setLevel(logging.WARNING)
+    # Per peer: a UDP and a listening TCP socket, and both ends of each
+    # connection (tree edges, follow notices, the baseline's star).
+    files = raise_open_files(12 * (args.followers + 1) + 1000)
+
+    config = pt.PeerConfig(
+        fanout=args.fanout,
+        seal_cost=10,
+        ksize=args.ksize,
+        pull_interval=3600.0,
+        lease=args.lease,
+    )
+    header("Dissemination benchmark: push tree vs direct sends, churn, catch-up")
+    concurrency = args.naive_concurrency or "all at once"
+    print(
+        f"{args.followers:,} followers, {args.posts} posts of each kind per phase; "
+        f"fan-out k={args.fanout}; DHT ksize={args.ksize}, alpha={config.alpha}; "
+        f"lease {args.lease:g} s; push tries {config.push_tries} (backoff "
+        f"{config.push_backoff:g} s, doubling); baseline sends in flight: "
+        f"{concurrency}; MemoryStore, no NTP; one process, one event loop; "
+        f"open-files limit {files:,}\n"
+    )
+
+    started = time.perf_counter()
+    net, timings = await start_network(args.followers, config)
+    setup_s = time.perf_counter() - started
+    print(
+        f"setup of {args.followers + 1:,} peers: {setup_s:.1f} s ("
+        + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+        + ")"
+    )
+    # A thousand peers' objects make a full collection take a while, a pause
+    # no real peer sees: move them out of the collector's sight.
+    gc.collect()
+    gc.freeze()
+    phases: list[Phase] = []
+    try:
+        refresh_s = await presence_refresh(net)
+        phases += await measure(
+            net, "all online", args.posts, args.naive_concurrency, args.deadline
+        )
+        victims = random.Random(args.seed).sample(
+            net.followers, round(args.churn * len(net.followers))
+        )
+        mark = time.perf_counter()
+        for victim in victims:
+            await crash(victim)
+            net.crashed.add(victim)
+        crash_s = time.perf_counter() - mark
+        phases += await measure(
+            net,
+            f"{100 * args.churn:g}% crashed",
+            args.posts,
+            args.naive_concurrency,
+            args.deadline,
+        )
+    finally:
+        gc.unfreeze()
+        teardown_s = await net.stop()
+    await asyncio.sleep(0.1)  # let the stopped peers' last tasks see their sockets
+    print(
+        f"{len(victims)} followers crashed in {crash_s:.1f} s; "
+        f"everything stopped in {teardown_s:.1f} s; re-reading the presence of "
+        f"{args.followers:,} followers from the DHT (what the author does before a "
+        f"post once its copies expire) took {refresh_s:.2f} s\n"
+    )
+    print(
+        "| send | receivers | last delivery p50 | last delivery p99 | 50% reached "
+        "(median) | 90% reached (median) | delivery | author frames/post "
+        "| busiest peer frames/post |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for phase in phases:
+        print(phase.row())
+
+    mark = time.perf_counter()
+    rounds, catch_setup_s, posting_s = await catch_up(
+        args.followees, args.catch_up_posts, args.rounds, config
+    )
+    total = args.followees * args.catch_up_posts
+    print(
+        f"\ncatch-up: {args.followees} followees and 1 reader (setup "
+        f"{catch_setup_s:.1f} s); per round the reader logs out, each followee "
+        f"posts {args.catch_up_posts} ({total:,} in all; the last round's posting "
+        f"took {posting_s:.1f} s), then the reader logs in; "
+        f"{time.perf_counter() - mark:.1f} s in all\n"
+    )
+    print("| round | login + catch-up | posts pulled | posts/s |")
+    print("|---|---|---|---|")
+    for i, r in enumerate(rounds):
+        print(
+            f"| {i + 1} | {r.login_s:.2f} s | {r.pulled:,}/{r.expected:,} "
+            f"| {r.pulled / r.login_s:,.0f} |"
+        )
+    login_p50 = statistics.median(r.login_s for r in rounds)
+    print(
+        f"| median | {login_p50:.2f} s | | "
+        f"{statistics.median(r.pulled / r.login_s for r in rounds):,.0f} |"
+    )
+
+    tree, naive, churn_tree, churn_naive = phases
+    ratio = statistics.median(tree.last()) / statistics.median(naive.last())
+    churn_ratio = (
+        statistics.median(churn_tree.last()) / statistics.median(churn_naive.last())
+        if churn_tree.last() and churn_naive.last()
+        else math.nan
+    )
+    author_max = max(d.author_frames for d in tree.deliveries)
+    last_p99 = percentile(tree.last(), 99) if tree.complete() else math.inf
+    caught_up = all(r.pulled == r.expected for r in rounds)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "NOT met"
+
+    print(
+        f"\ntree/baseline, last delivery p50: {ratio:.2f}x all online, "
+        f"{churn_ratio:.2f}x with {100 * args.churn:g}% crashed; author frames per "
+        f"post: {author_max} (tree, max) vs {args.followers:,} (baseline)"
+    )
+    print(
+        f"targets: 100% delivery: {verdict(tree.complete())} (all online), "
+        f"{verdict(churn_tree.complete())} (live followers after the crash); "
+        f"author frames <= k={args.fanout} (all online): "
+        f"{verdict(author_max <= args.fanout)}; last delivery p99 < 2 s at "
+        f"{args.followers:,} followers: {verdict(last_p99 < 2)}; catch-up "
+        f"complete: {verdict(caught_up)}"
+    )
+    print(
+        f"setup {setup_s:.1f} s; peak RSS {rss_mb:,.0f} MB; "
+        f"{time.perf_counter() - started:.1f} s in all"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
