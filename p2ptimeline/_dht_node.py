@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 
 import attrs
-from kademlia.crawling import NodeSpiderCrawl, SpiderCrawl
+from kademlia.crawling import NodeSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node, NodeHeap
 
@@ -80,7 +80,7 @@ class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
         self.nearest.push(peers)
 
 
-class _ValueCrawl(SpiderCrawl):  # type: ignore[misc]  # untyped base class
+class _ValueCrawl(_NodeCrawl):
     """Finds the replicas of a value among the nodes closest to its key.
 
     Unlike kademlia's `ValueSpiderCrawl`, which returns the first value it
@@ -100,9 +100,7 @@ class _ValueCrawl(SpiderCrawl):  # type: ignore[misc]  # untyped base class
         ksize: int,
         quorum: int,
     ) -> None:
-        super().__init__(protocol, node, [], ksize, quorum)
-        self.nearest = _NodeHeap(node, ksize)
-        self.nearest.push(peers)
+        super().__init__(protocol, node, peers, ksize, alpha=quorum)
         self.quorum = quorum
         self.answers: dict[bytes, tuple[Node, bytes | None]] = {}
 

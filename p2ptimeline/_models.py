@@ -128,6 +128,13 @@ class HybridTimestamp:
         return cls(physical_ms=value >> 16, logical=value & 0xFFFF)
 
 
+def _signature_field() -> Any:
+    """An Ed25519 signature field, outside what it signs."""
+    return attrs.field(
+        validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
+    )
+
+
 class _Signed:
     """Mixin for records signed over their canonical encoding."""
 
@@ -177,9 +184,7 @@ class Post(_Signed):
         validator=attrs.validators.instance_of(HybridTimestamp)
     )
     """When the author posted it, on the author's hybrid logical clock."""
-    signature: bytes = attrs.field(
-        validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
-    )
+    signature: bytes = _signature_field()
     """The author's Ed25519 signature of the signed payload."""
 
     @classmethod
@@ -256,9 +261,7 @@ class UsernameClaim(_SelfSigned):
     """The private key sealed with the owner's password (`Identity.seal`)."""
     seq: int = attrs.field(validator=uint(63))
     """Version of this claim; higher replaces lower."""
-    signature: bytes = attrs.field(
-        validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
-    )
+    signature: bytes = _signature_field()
     """Signature by `public_key`."""
 
     @classmethod
@@ -299,9 +302,7 @@ class Presence(_SelfSigned):
     """Wall-clock time (ms since the epoch) at which the lease lapses."""
     seq: int = attrs.field(validator=uint(63))
     """Version of this record; higher replaces lower."""
-    signature: bytes = attrs.field(
-        validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
-    )
+    signature: bytes = _signature_field()
     """Signature by `public_key`."""
 
     @classmethod
@@ -362,9 +363,7 @@ class FollowEntry(_Signed):
         validator=attrs.validators.instance_of(HybridTimestamp)
     )
     """When it happened, on the follower's hybrid logical clock."""
-    signature: bytes = attrs.field(
-        validator=sized_bytes(SIGNATURE_SIZE), metadata=_UNSIGNED, repr=False
-    )
+    signature: bytes = _signature_field()
     """Signature by `follower_key`."""
 
     @classmethod
