@@ -386,3 +386,44 @@ async def test_stop_is_idempotent_and_frees_the_port(peers: PeerFactory) -> None
     for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
         with socket.socket(socket.AF_INET, kind) as sock:
             sock.bind(("127.0.0.1", port))
+
+
+async def test_a_silent_follower_delays_only_its_own_subtree(
+    peers: PeerFactory,
+) -> None:
+    """A follower that accepts connections but never answers is skipped after
+    its timeouts; everyone else, its subtree included, still gets the post."""
+    quick = attrs.evolve(FAST, fanout=1, limits=pt.Limits(request_timeout=0.3))
+    star, *fans = await star_and_fans(peers, 20, config=quick)
+    silent = fans[4]
+    never = asyncio.Event()
+
+    async def mute(message: Message, remote: tuple[str, int]) -> Message:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    assert silent._server is not None
+    silent._server._handler = mute
+    post = await star.post("around the silent one")
+    others = [f for f in fans if f is not silent]
+    await eventually(lambda: all_hold(others, post), within=20)
+
+
+async def test_a_crashed_peer_reads_offline_then_catches_up(
+    peers: PeerFactory,
+) -> None:
+    """A killed peer is seen offline once its lease lapses; when its user comes
+    back (on a new peer), it catches up on what it missed."""
+    short = attrs.evolve(FAST, lease=1.0)
+    star, fan = await star_and_fans(peers, 1, config=short)
+    await crash(fan)
+
+    async def offline() -> bool:
+        record = await star.registry.get_user("fan0")
+        return record is not None and not record.online
+
+    await eventually(offline, within=10)
+    missed = await star.post("while you were dead")
+    (back,) = await peers(1, config=short)
+    await back.login("fan0", "pw")
+    assert [p.id for p in await back.timeline()] == [missed.id]
