@@ -1,8 +1,9 @@
-"""A tour of what p2ptimeline can do so far, on this machine only.
+"""A local p2ptimeline network, told as a short story (what `make demo` runs).
 
-The networked demo (bootstrap nodes, peers following and posting) arrives
-with the peer layer; for now this shows the local foundation: identities and
-their sealed form, signed posts, hybrid logical clocks and the local store.
+Three bootstrap nodes and four peers start on 127.0.0.1, all in this one
+process. Users register and follow each other, post, read their timelines;
+one of them goes offline and catches up when she comes back; at the end,
+followers and follow suggestions. Built only on the public API.
 
 Run: python examples/demo.py
 """
@@ -10,55 +11,129 @@ Run: python examples/demo.py
 from __future__ import annotations
 
 import asyncio
+import logging
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import p2ptimeline as pt
 
+STARTED = time.monotonic()
+
+
+def say(text: str = "") -> None:
+    """Print a line of the story, with the seconds elapsed."""
+    print(f"[{time.monotonic() - STARTED:5.1f}s] {text}" if text else "", flush=True)
+
+
+def show(title: str, posts: list[pt.Post]) -> None:
+    say(title)
+    for post in posts:
+        clock = time.strftime(
+            "%H:%M:%S", time.localtime(post.timestamp.physical_ms / 1000)
+        )
+        print(f"           [{clock}] {post.author}: {post.text}")
+
 
 async def main() -> None:
-    print(f"p2ptimeline {pt.__version__}: local foundation demo\n")
+    logging.basicConfig(level=logging.ERROR)
+    say(f"p2ptimeline {pt.__version__}: a decentralized timeline on 127.0.0.1")
+    bootstrap: list[pt.DhtRegistry] = []
+    for _ in range(3):
+        node = pt.DhtRegistry()
+        await node.start("127.0.0.1", 0, bootstrap=[b.address for b in bootstrap])
+        bootstrap.append(node)
+    addresses = [b.address for b in bootstrap]
+    say("three bootstrap DHT nodes: " + ", ".join(f"{h}:{p}" for h, p in addresses))
 
-    alice = pt.Identity.generate()
-    sealed = alice.seal("alice's password")
-    print(f"1. alice's public key: {alice.public_key.hex()[:32]}...")
-    print(f"   sealed private key, safe to publish: {len(sealed)} bytes")
-    assert pt.Identity.unseal(sealed, "alice's password").public_key == alice.public_key
-    try:
-        pt.Identity.unseal(sealed, "guess")
-    except pt.AuthError as exc:
-        print(f"   unsealing with a wrong password: AuthError({exc})")
-
-    clock = pt.ClockSync(servers=[])  # no NTP here: the local clock as is
-    hlc = pt.HybridLogicalClock(clock.now_ms)
-    bob = pt.Identity.generate()
-    posts = [
-        pt.Post.create(alice, "alice", "hello from alice", hlc.now()),
-        pt.Post.create(bob, "bob", "bob here", hlc.now()),
-        pt.Post.create(alice, "alice", "second post", hlc.now()),
-    ]
-    print("\n2. three signed posts, stamped by a hybrid logical clock:")
-    for post in posts:
-        stamp = post.timestamp
-        print(f"   {post.author:>5} @ {stamp.physical_ms}.{stamp.logical}: {post.text}")
-    forged = pt.Post.create(bob, "alice", "I am alice, honest", hlc.now())
-    try:
-        forged.verify(alice.public_key)
-    except pt.InvalidSignature:
-        print("   a post bob signed as 'alice' fails verification with alice's key")
-
+    config = pt.PeerConfig(seal_cost=12, pull_interval=5.0)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "alice.db"
-        async with pt.SqliteStore(path) as store:
-            added = await store.add(posts + posts)
-            print(f"\n3. stored {len(added)} posts in {path.name} (duplicates dropped)")
-        async with pt.SqliteStore(path) as store:
-            timeline = await store.timeline({"alice", "bob"}, limit=10)
-            print("   after reopening, the timeline, newest first:")
-            for post in timeline:
-                print(f"   - {post.author}: {post.text}")
-    print("\ndone.")
+        names = ["alice", "bob", "carol", "dave"]
+        peers = {
+            name: pt.Peer(
+                "127.0.0.1",
+                0,
+                addresses,
+                data_dir=Path(tmp) / name,
+                clock=pt.ClockSync(servers=[]),  # no NTP on a demo machine
+                config=config,
+            )
+            for name in names
+        }
+        for name, peer in peers.items():
+            await peer.start()
+            await peer.register(name, f"{name}'s password")
+            say(f"{name} registered on the peer at port {peer.port}")
+        alice, bob, carol, dave = (peers[n] for n in names)
+
+        for follower, followee in [
+            (bob, "alice"),
+            (carol, "alice"),
+            (dave, "bob"),
+            (carol, "bob"),
+            (alice, "carol"),
+        ]:
+            await follower.follow(followee)
+            say(f"{follower.username} follows {followee}")
+
+        arrived = asyncio.Event()
+
+        async def watch() -> None:
+            async for post in bob.incoming():
+                say(f"bob's peer received live: {post.author}: {post.text!r}")
+                arrived.set()
+
+        watcher = asyncio.create_task(watch())
+        await alice.post("Hello, decentralized world!")
+        async with asyncio.timeout(10):
+            await arrived.wait()
+        await carol.post("No server was harmed in the making of this post.")
+        await bob.post("Posts travel peer to peer, down a tree of followers.")
+
+        say("carol logs out")
+        await carol.logout()
+        await alice.post("Carol, you are missing this one.")
+        await bob.post("And this one.")
+        say("alice and bob posted while carol was away; carol logs back in")
+        await carol.login("carol", "carol's password")
+        show("carol's timeline after catching up:", await carol.timeline(limit=10))
+
+        say("alice goes offline for good; dave logs in on a brand new peer")
+        await alice.stop()
+        await dave.logout()
+        newcomer = pt.Peer(
+            "127.0.0.1", 0, addresses, clock=pt.ClockSync(servers=[]), config=config
+        )
+        await newcomer.start()
+        await newcomer.login("dave", "dave's password")
+        await newcomer.follow("alice")
+        async with asyncio.timeout(15):
+            # alice's posts come from her followers, in the background
+            while not any(p.author == "alice" for p in await newcomer.timeline()):
+                await asyncio.sleep(0.1)
+        show(
+            "dave follows alice; her posts come from her followers:",
+            await newcomer.timeline(),
+        )
+
+        say(f"followers of alice: {', '.join(await bob.followers('alice'))}")
+        say(f"bob follows: {', '.join(await bob.following('bob'))}")
+        say(f"suggestions for dave: {', '.join(await newcomer.suggestions()) or '-'}")
+        notes = await bob.notifications()
+        say("bob's notifications: " + ", ".join(f"{n.user} {n.kind}ed" for n in notes))
+
+        watcher.cancel()
+        for peer in [*peers.values(), newcomer]:
+            await peer.stop()
+    for node in bootstrap:
+        await node.stop()
+    say("done: every peer and node stopped")
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except TimeoutError:
+        print("demo: something took too long", file=sys.stderr)
+        sys.exit(1)

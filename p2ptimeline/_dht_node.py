@@ -10,6 +10,7 @@ import logging
 import socket
 import time
 from collections.abc import Iterable
+from typing import Any, TypeVar
 
 import attrs
 from kademlia.crawling import NodeSpiderCrawl
@@ -24,6 +25,8 @@ from ._serializer import Serializer
 __all__ = ["DhtNode", "Replica"]
 
 log = logging.getLogger("p2ptimeline.dht")
+
+T = TypeVar("T")
 
 _RECEIVE_BUFFER = 4 * 1024 * 1024
 _LOOKUP_TTL = 5.0  # seconds a write reuses the result of a node lookup
@@ -64,8 +67,28 @@ class _NodeHeap(NodeHeap):  # type: ignore[misc]  # untyped base class
         return node.id in self._ids
 
 
+async def settle(
+    calls: list[asyncio.Task[T]], protocol: RegistryProtocol
+) -> list[T | None]:
+    """The results of the calls that finish in time (None for the others).
+
+    Waits until most calls finished, then gives the others a short grace
+    (an eighth of the RPC timeout): one dead node must not hold up a whole
+    lookup or write until it times out. Calls still running go on in the
+    background, owned by `protocol`, and still update its routing table.
+    """
+    pending = set(calls)
+    while pending and len(calls) - len(pending) <= len(calls) // 2:
+        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    if pending:
+        _, pending = await asyncio.wait(pending, timeout=protocol.wait_timeout / 8)
+    for call in pending:
+        protocol.adopt(call)
+    return [call.result() if call.done() else None for call in calls]
+
+
 class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
-    """kademlia's node lookup, on the faster heap."""
+    """kademlia's node lookup, on the faster heap, not waiting for stragglers."""
 
     def __init__(
         self,
@@ -78,6 +101,25 @@ class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
         super().__init__(protocol, node, [], ksize, alpha)
         self.nearest = _NodeHeap(node, ksize)
         self.nearest.push(peers)
+
+    async def _find(self, rpcmethod: Any) -> Any:
+        # As kademlia's `SpiderCrawl._find`, with `settle` instead of waiting
+        # for every call, and without formatting a log line each round.
+        count = self.alpha
+        if self.nearest.get_ids() == self.last_ids_crawled:  # type: ignore[has-type]
+            count = len(self.nearest)
+        self.last_ids_crawled = self.nearest.get_ids()
+        peers = self.nearest.get_uncontacted()[:count]
+        for peer in peers:
+            self.nearest.mark_contacted(peer)
+        calls = [asyncio.ensure_future(rpcmethod(peer, self.node)) for peer in peers]
+        results = await settle(calls, self.protocol)
+        return await self._nodes_found(
+            {
+                peer.id: (False, None) if result is None else result
+                for peer, result in zip(peers, results, strict=True)
+            }
+        )
 
 
 class _ValueCrawl(_NodeCrawl):
@@ -112,15 +154,17 @@ class _ValueCrawl(_NodeCrawl):
             if not ask:
                 return self.answers
             asked.update(n.id for n in ask)
-            responses = await asyncio.gather(
-                *(self.protocol.call_find_value(n, self.node) for n in ask)
-            )
+            calls = [
+                asyncio.ensure_future(self.protocol.call_find_value(n, self.node))
+                for n in ask
+            ]
+            responses = await settle(calls, self.protocol)
             failed = []
-            for node, (answered, data) in zip(ask, responses, strict=True):
-                if not answered or data is None:
+            for node, response in zip(ask, responses, strict=True):
+                if response is None or not response[0] or response[1] is None:
                     failed.append(node.id)
                     continue
-                value, nodes = data
+                value, nodes = response[1]
                 self.answers[node.id] = (node, value)
                 self.nearest.push([Node(*n) for n in nodes])
             self.nearest.remove(failed)
@@ -277,9 +321,10 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         replies: list[tuple[Node | None, StoreReply | None]] = []
         if self._is_close(target, nodes):
             replies.append((None, self.storage.offer(key, raw)))
-        answers = await asyncio.gather(
-            *(self.protocol.call_store(n, key, raw) for n in nodes)
-        )
+        calls = [
+            asyncio.ensure_future(self.protocol.call_store(n, key, raw)) for n in nodes
+        ]
+        answers = await settle(calls, self.protocol)
         replies.extend(zip(nodes, answers, strict=True))
         if None in answers:  # someone left: look again next time
             self._lookups.pop(key, None)

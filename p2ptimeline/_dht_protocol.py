@@ -240,7 +240,7 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         self.router = _RoutingTable(self, ksize, source_node)
         self.storage = storage
         self.source_node = source_node
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks: set[asyncio.Future[Any]] = set()
         self._closed: asyncio.Future[None] = asyncio.Future()
         # address -> when it last failed to answer. Lookups skip such nodes
         # for a while instead of waiting for them again and again: other
@@ -258,7 +258,15 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         """Run `coro` in a task this protocol owns (cancelled by `close`)."""
-        task = asyncio.ensure_future(coro)
+        self.adopt(asyncio.ensure_future(coro))
+
+    @property
+    def wait_timeout(self) -> float:
+        """Seconds a call waits for its answer."""
+        return float(self._wait_timeout)
+
+    def adopt(self, task: asyncio.Future[Any]) -> None:
+        """Own a running task: `close` cancels it."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

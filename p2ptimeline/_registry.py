@@ -233,7 +233,6 @@ class DhtRegistry:
                 winner = await self._read_claim(username)
                 if winner is None or winner.public_key != identity.public_key:
                     raise UsernameTaken(f"{username!r} is taken")
-                break
             held = [s for outcome, s in outcomes if outcome is Outcome.STALE]
             if not held or max(held) < seq:
                 break

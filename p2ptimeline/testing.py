@@ -274,6 +274,8 @@ class NtpServer:
         skew: Seconds to add to the local clock in the answers.
         host: Interface to listen on.
         port: UDP port; 0 picks a free one.
+
+    Attributes:
         answer: Set to False to make the server silent (drop every request).
     """
 
