@@ -108,10 +108,7 @@ async def main() -> None:
         await newcomer.start()
         await newcomer.login("dave", "dave's password")
         await newcomer.follow("alice")
-        async with asyncio.timeout(15):
-            # alice's posts come from her followers, in the background
-            while not any(p.author == "alice" for p in await newcomer.timeline()):
-                await asyncio.sleep(0.1)
+        await newcomer.sync()  # pull now what follow() fetches in the background
         show(
             "dave follows alice; her posts come from her followers:",
             await newcomer.timeline(),
