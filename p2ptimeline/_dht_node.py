@@ -68,22 +68,34 @@ class _NodeHeap(NodeHeap):  # type: ignore[misc]  # untyped base class
 
 
 async def settle(
-    calls: list[asyncio.Task[T]], protocol: RegistryProtocol
+    calls: list[asyncio.Task[T]], nodes: list[Node], protocol: RegistryProtocol
 ) -> list[T | None]:
     """The results of the calls that finish in time (None for the others).
 
-    Waits until most calls finished, then gives the others a short grace
-    (an eighth of the RPC timeout): one dead node must not hold up a whole
-    lookup or write until it times out. Calls still running go on in the
-    background, owned by `protocol`, and still update its routing table.
+    One dead node must not hold up a whole lookup or write until its call
+    times out. So once most calls finished, the others get a short grace (an
+    eighth of the RPC timeout), and no call is waited for longer than half
+    the RPC timeout. Calls still running then go on in the background, owned
+    by `protocol`, and still update its routing table when they end; until
+    one of them answers, its node counts as unreachable.
     """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + protocol.wait_timeout / 2
     pending = set(calls)
     while pending and len(calls) - len(pending) <= len(calls) // 2:
-        _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-    if pending:
-        _, pending = await asyncio.wait(pending, timeout=protocol.wait_timeout / 8)
-    for call in pending:
-        protocol.adopt(call)
+        left = deadline - loop.time()
+        if left <= 0:
+            break
+        _, pending = await asyncio.wait(
+            pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+        )
+    left = min(protocol.wait_timeout / 8, deadline - loop.time())
+    if pending and left > 0:
+        _, pending = await asyncio.wait(pending, timeout=left)
+    for call, node in zip(calls, nodes, strict=True):
+        if call in pending:
+            protocol.adopt(call)
+            protocol.suspect((node.ip, node.port))
     return [call.result() if call.done() else None for call in calls]
 
 
@@ -113,7 +125,7 @@ class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
         for peer in peers:
             self.nearest.mark_contacted(peer)
         calls = [asyncio.ensure_future(rpcmethod(peer, self.node)) for peer in peers]
-        results = await settle(calls, self.protocol)
+        results = await settle(calls, peers, self.protocol)
         return await self._nodes_found(
             {
                 peer.id: (False, None) if result is None else result
@@ -158,7 +170,7 @@ class _ValueCrawl(_NodeCrawl):
                 asyncio.ensure_future(self.protocol.call_find_value(n, self.node))
                 for n in ask
             ]
-            responses = await settle(calls, self.protocol)
+            responses = await settle(calls, ask, self.protocol)
             failed = []
             for node, response in zip(ask, responses, strict=True):
                 if response is None or not response[0] or response[1] is None:
@@ -222,6 +234,14 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         # kademlia schedules this with call_later and an unowned task; the
         # registry calls `_refresh_table` from its own maintenance task.
         pass
+
+    async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
+        # As kademlia's, but with our crawl, which does not wait out dead nodes.
+        gathered = await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
+        nodes = [node for node in gathered if node is not None]
+        crawl = _NodeCrawl(self.protocol, self.node, nodes, self.ksize, self.alpha)
+        found: list[Node] = await crawl.find()
+        return found
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
         answered, node_id = await self.protocol.call(
@@ -324,7 +344,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         calls = [
             asyncio.ensure_future(self.protocol.call_store(n, key, raw)) for n in nodes
         ]
-        answers = await settle(calls, self.protocol)
+        answers = await settle(calls, nodes, self.protocol)
         replies.extend(zip(nodes, answers, strict=True))
         if None in answers:  # someone left: look again next time
             self._lookups.pop(key, None)
