@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 DEV_STAMP := $(VENV)/.dev-installed
 RUN_STAMP := $(VENV)/.installed
 
-.PHONY: test lint typecheck pytest demo bench clean
+.PHONY: test lint typecheck pytest demo bench docs clean
 
 test: lint typecheck pytest
 
@@ -27,6 +27,10 @@ demo: $(RUN_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/store.py
 
+# The documentation site (mkdocs-material + mkdocstrings), into site/.
+docs: $(DEV_STAMP)
+	$(BIN)/mkdocs build --strict
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -40,4 +44,4 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 	touch $@ $(RUN_STAMP)
 
 clean:
-	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) dist build site .pytest_cache .mypy_cache .ruff_cache .hypothesis
