@@ -13,7 +13,7 @@ import ntplib
 
 __all__ = ["DEFAULT_NTP_SERVERS", "ClockSync"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("p2ptimeline.clock")
 
 DEFAULT_NTP_SERVERS: tuple[tuple[str, int], ...] = (("pool.ntp.org", 123),)
 """Servers `ClockSync` asks when given none."""

@@ -150,6 +150,13 @@ class _Connection:
         if self._handler is None:
             log.info("dropped an unexpected request from %s", self.remote)
             return
+        if len(self._handlers) >= 4 * self._limits.max_pending:
+            # Queued requests cost memory: past this, say no at once.
+            log.info("refused a request from %s: too many pending", self.remote)
+            with contextlib.suppress(ConnectionError, OSError, ProtocolError):
+                reply = Refusal(reason="too many pending requests")
+                self._send(Frame.of(reply, reply_to=frame.request_id))
+            return
         task = asyncio.create_task(self._answer(frame))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)

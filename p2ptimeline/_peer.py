@@ -59,7 +59,9 @@ X = TypeVar("X")
 _PAGE = 500  # posts per GetPosts reply
 _MAX_CATCH_UP = 100_000  # posts pulled of one author at most, per sync
 _PULL_SOURCES = 8  # followers tried as sources of an offline author's posts
+_PULL_MERGE = 3  # followers whose answers are merged when the author is offline
 _CONCURRENCY = 16
+_FORWARD_MEMORY = 10_000  # (post, subtree) pairs remembered as forwarded
 
 
 @attrs.frozen(kw_only=True)
@@ -178,6 +180,9 @@ class Peer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscribers: set[asyncio.Queue[Post | None]] = set()
         self._keys: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._forwarded: collections.OrderedDict[tuple[bytes, int], None] = (
+            collections.OrderedDict()
+        )
 
     # Lifecycle
 
@@ -593,28 +598,42 @@ class Peer:
         await self._pull(author, latest.get(author))
 
     async def _pull(self, author: str, since: HybridTimestamp | None) -> int:
-        """Fetch `author`'s posts after `since` from whoever has them."""
+        """Fetch `author`'s posts after `since` from whoever has them.
+
+        The author, when online, has them all. Otherwise each online follower
+        has those it received: a few of them are asked and their answers
+        merged. A source that fails or sends bad posts is skipped.
+        """
         try:
             key = await self._public_key(author)
-            for address in await self._sources(author, key):
-                try:
-                    posts = await self._fetch(address, author, key, since)
-                except (PeerUnreachable, ProtocolError) as exc:
-                    log.info(
-                        "could not pull %s's posts from %s: %s", author, address, exc
-                    )
-                    continue
-                return len(await self._accept(posts))
+            sources, author_online = await self._sources(author, key)
         except (NetworkError, RemoteError, UnknownUser) as exc:
             log.info("could not pull %s's posts: %s", author, exc)
-        return 0
+            return 0
+        new = 0
+        answered = 0
+        for address in sources:
+            try:
+                posts = await self._fetch(address, author, key, since)
+            except (NetworkError, RemoteError) as exc:
+                log.info("could not pull %s's posts from %s: %s", author, address, exc)
+                continue
+            new += len(await self._accept(posts))
+            answered += 1
+            if author_online or answered >= _PULL_MERGE:
+                break
+        return new
 
-    async def _sources(self, author: str, key: bytes) -> list[tuple[str, int]]:
-        """Where to pull `author`'s posts from: the author, then its followers."""
+    async def _sources(
+        self, author: str, key: bytes
+    ) -> tuple[list[tuple[str, int]], bool]:
+        """Where to pull `author`'s posts from: the author, then its followers;
+        and whether the author is online."""
         sources = []
         presence = await self.registry.get_presence(key)
         now = self._clock.now_ms()
-        if presence is not None and presence.is_online(now):
+        online = presence is not None and presence.is_online(now)
+        if presence is not None and online:
             sources.append(presence.address)
         entries = await self.registry.get_follow_entries(author, "followers")
         me = self.username
@@ -627,7 +646,7 @@ class Peer:
                 sources.append(record.address)
             if len(sources) > _PULL_SOURCES:
                 break
-        return [s for s in sources if s != self.address]
+        return [s for s in sources if s != self.address], online
 
     async def _fetch(
         self,
@@ -742,9 +761,14 @@ class Peer:
         session = self._session
         if session is not None and post.author in session.following:
             await self._accept([post])
-        # Forward even when not storing: the subtree relies on this peer.
-        tree = list(push.tree)
-        self._spawn(self._forward(post, tree))
+        # Forward even when not storing (the subtree relies on this peer), but
+        # each subtree once: a replayed or repeated push goes no further.
+        handed = (post.id, hash(push.tree))
+        if handed not in self._forwarded:
+            self._forwarded[handed] = None
+            if len(self._forwarded) > _FORWARD_MEMORY:
+                self._forwarded.popitem(last=False)
+            self._spawn(self._forward(post, list(push.tree)))
         return Ack()
 
     async def _forward(self, post: Post, tree: list[TreeMember]) -> None:

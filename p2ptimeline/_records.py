@@ -2,11 +2,14 @@
 
 Every DHT value is a `RegistryValue` holding exactly one of:
 
-* a `UsernameClaim`, under ``sha1("claim:" + username)``: the first claim of
-  a name wins; later claims by the same key with a higher `seq` replace it;
-* a `Presence`, under ``sha1(b"presence:" + public_key)``: higher `seq` wins;
-* a `SetShard`, under ``sha1(relation, owner key, prefix)``: one shard of a
+* a `UsernameClaim`, under `claim_key(username)`: the first claim of a name
+  wins; later claims by the same key with a higher `seq` replace it;
+* a `Presence`, under `presence_key(public_key)`: higher `seq` wins;
+* a `SetShard`, under `shard_key(relation, owner key, prefix)`: one shard of a
   user's followers or following set (see below).
+
+Each key is the SHA-1 of its parts joined by zero bytes, the first part
+naming the kind (``b"p2ptimeline/claim"``, ...).
 
 The DHT key is derived from the value's own content, and every record is
 signed by the key it names, so a storage node can check a value completely

@@ -136,9 +136,9 @@ class Frame:
     version: int
     """Protocol version of the sender."""
     request_id: int = attrs.field(validator=uint(63))
-    """The sender's id for a request (0 in replies)."""
+    """The sender's id for a request, from 1 (0 in replies)."""
     reply_to: int = attrs.field(default=0, validator=uint(63))
-    """In a reply, the id of the request it answers."""
+    """In a reply, the id of the request it answers (0 in requests)."""
     push: PostPush | None = None
     get: GetPosts | None = None
     batch: PostBatch | None = None
@@ -150,6 +150,8 @@ class Frame:
     def __attrs_post_init__(self) -> None:
         if len([m for m in self.messages() if m is not None]) != 1:
             raise ValueError("a frame carries exactly one message")
+        if (self.request_id == 0) == (self.reply_to == 0):
+            raise ValueError("a frame is a request (request_id > 0) or a reply")
 
     def messages(self) -> tuple[object, ...]:
         """The message fields, in declaration order."""

@@ -427,3 +427,18 @@ async def test_a_crashed_peer_reads_offline_then_catches_up(
     (back,) = await peers(1, config=short)
     await back.login("fan0", "pw")
     assert [p.id for p in await back.timeline()] == [missed.id]
+
+
+async def test_posts_stamped_far_in_the_future_are_refused(peers: PeerFactory) -> None:
+    """A genuine post stamped beyond max_future_ms is not stored (timeline pinning)."""
+    star, fan = await star_and_fans(peers, 1)
+    assert star._session is not None
+    ahead = int(time.time() * 1000) + FAST.max_future_ms + 60_000
+    future = pt.Post.create(
+        star._session.identity, "star", "pinned", pt.HybridTimestamp(physical_ms=ahead)
+    )
+    me = TreeMember(name="fan0", host="127.0.0.1", port=fan.port)
+    await star._request(fan.address, PostPush(post=future, fanout=2, tree=(me,)))
+    now = await star.post("on time")
+    await eventually(lambda: holds(fan, now))
+    assert not await holds(fan, future)

@@ -70,11 +70,15 @@ MESSAGES: list[Message] = [
     Refusal(reason="x" * 200),
 ]
 FRAMES = [
-    Frame.of(message, request_id=i + 1, reply_to=i % 3)
+    Frame.of(message, request_id=i + 1)
+    if i % 2 == 0
+    else Frame.of(message, reply_to=i + 1)
     for i, message in enumerate(MESSAGES)
 ]
 frames_param = pytest.mark.parametrize(
-    "frame", FRAMES, ids=lambda f: f"{type(f.message).__name__}-{f.request_id}"
+    "frame",
+    FRAMES,
+    ids=lambda f: f"{type(f.message).__name__}-{f.request_id or f.reply_to}",
 )
 
 # Hypothesis strategies for every message type.
@@ -105,11 +109,9 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.just(Ack()),
     st.builds(Refusal, reason=st.text(max_size=200)),
 )
-frames = st.builds(
-    Frame.of,
-    messages,
-    request_id=st.integers(0, 2**63 - 1),
-    reply_to=st.integers(0, 2**63 - 1),
+frames = st.one_of(
+    st.builds(Frame.of, messages, request_id=st.integers(1, 2**63 - 1)),
+    st.builds(Frame.of, messages, reply_to=st.integers(1, 2**63 - 1)),
 )
 
 
@@ -149,17 +151,21 @@ def _feed_chunks(decoder: FrameDecoder, data: bytes, cuts: list[int]) -> list[Fr
 @frames_param
 def test_frame_message_returns_the_message(frame: Frame) -> None:
     """Frame.of sets exactly the matching field and Frame.message returns it."""
-    message = MESSAGES[frame.request_id - 1]
+    message = MESSAGES[(frame.request_id or frame.reply_to) - 1]
     assert frame.message is message
     assert frame.version == PROTOCOL_VERSION
     assert [m for m in frame.messages() if m is not None] == [message]
 
 
 def test_frame_of_sets_ids() -> None:
-    """Frame.of passes request_id and reply_to through, both 0 by default."""
-    assert (Frame.of(Ack()).request_id, Frame.of(Ack()).reply_to) == (0, 0)
-    frame = Frame.of(Ack(), request_id=5, reply_to=9)
-    assert (frame.request_id, frame.reply_to) == (5, 9)
+    """A frame is a request (request_id > 0) or a reply (reply_to > 0), not both."""
+    request = Frame.of(GetPosts(author="a", since=None, limit=1), request_id=5)
+    assert (request.request_id, request.reply_to) == (5, 0)
+    reply = Frame.of(Ack(), reply_to=9)
+    assert (reply.request_id, reply.reply_to) == (0, 9)
+    for ids in ({}, {"request_id": 5, "reply_to": 9}):
+        with pytest.raises(ValueError, match="request"):
+            Frame.of(Ack(), **ids)
 
 
 def test_frame_needs_exactly_one_message() -> None:
@@ -378,7 +384,7 @@ def test_encode_refuses_oversized_frames(serializer: pt.Serializer) -> None:
         encode_frame(serializer, frame, max_size=size - 1)
     host = "h" * 253
     tree = tuple(TreeMember(name=f"u{i}", host=host, port=i) for i in range(5000))
-    big = Frame.of(PostPush(post=POSTS[0], fanout=2, tree=tree))
+    big = Frame.of(PostPush(post=POSTS[0], fanout=2, tree=tree), request_id=1)
     with pytest.raises(pt.ProtocolError, match="exceeds"):
         encode_frame(serializer, big)  # over the default 1 MiB
 
