@@ -68,7 +68,7 @@ class _NodeHeap(NodeHeap):  # type: ignore[misc]  # untyped base class
 
 
 async def settle(
-    calls: list[asyncio.Task[T]], nodes: list[Node], protocol: RegistryProtocol
+    calls: list[asyncio.Task[T]], protocol: RegistryProtocol
 ) -> list[T | None]:
     """The results of the calls that finish in time (None for the others).
 
@@ -76,8 +76,8 @@ async def settle(
     times out. So once most calls finished, the others get a short grace (an
     eighth of the RPC timeout), and no call is waited for longer than half
     the RPC timeout. Calls still running then go on in the background, owned
-    by `protocol`, and still update its routing table when they end; until
-    one of them answers, its node counts as unreachable.
+    by `protocol`, and still update its routing table when they end (a
+    node whose call times out is then skipped for a while).
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + protocol.wait_timeout / 2
@@ -92,10 +92,8 @@ async def settle(
     left = min(protocol.wait_timeout / 8, deadline - loop.time())
     if pending and left > 0:
         _, pending = await asyncio.wait(pending, timeout=left)
-    for call, node in zip(calls, nodes, strict=True):
-        if call in pending:
-            protocol.adopt(call)
-            protocol.suspect((node.ip, node.port))
+    for call in pending:
+        protocol.adopt(call)
     return [call.result() if call.done() else None for call in calls]
 
 
@@ -125,7 +123,7 @@ class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
         for peer in peers:
             self.nearest.mark_contacted(peer)
         calls = [asyncio.ensure_future(rpcmethod(peer, self.node)) for peer in peers]
-        results = await settle(calls, peers, self.protocol)
+        results = await settle(calls, self.protocol)
         return await self._nodes_found(
             {
                 peer.id: (False, None) if result is None else result
@@ -170,7 +168,7 @@ class _ValueCrawl(_NodeCrawl):
                 asyncio.ensure_future(self.protocol.call_find_value(n, self.node))
                 for n in ask
             ]
-            responses = await settle(calls, ask, self.protocol)
+            responses = await settle(calls, self.protocol)
             failed = []
             for node, response in zip(ask, responses, strict=True):
                 if response is None or not response[0] or response[1] is None:
@@ -222,7 +220,12 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         )
 
     async def listen(self, port: int, interface: str = "0.0.0.0") -> None:
-        await super().listen(port, interface)
+        # As kademlia's, but logging once bound, not before.
+        loop = asyncio.get_running_loop()
+        self.transport, self.protocol = await loop.create_datagram_endpoint(
+            self._create_protocol, local_addr=(interface, port)
+        )
+        log.info("DHT node listening on %s", self.transport.get_extra_info("sockname"))
         # A node answers bursts of requests; the default receive buffer
         # (~200 KB) drops datagrams under load. The kernel caps this at
         # net.core.rmem_max.
@@ -263,6 +266,16 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         for key, raw in self.storage.iter_older_than(3600):
             if self.has_neighbors():
                 await self._store_everywhere(key, raw)
+
+    async def check_contacts(self) -> None:
+        """Ping the least recently seen contact of every bucket.
+
+        Contacts that do not answer are dropped (kademlia removes a node only
+        when a call of this node to it fails, and a bootstrap node rarely
+        calls anyone), so nodes that left stop being handed to newcomers.
+        """
+        heads = [b.head() for b in self.protocol.router.buckets if len(b)]
+        await asyncio.gather(*(self.protocol.call_ping(node) for node in heads))
 
     def has_neighbors(self) -> bool:
         """Whether the routing table holds any node."""
@@ -317,24 +330,29 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         return bool(mine < max(target.long_id ^ n.long_id for n in nearest))
 
     async def write(
-        self, key: bytes, value: RegistryValue
+        self, key: bytes, value: RegistryValue, *, patient: bool = False
     ) -> list[tuple[Node | None, StoreReply | None]]:
         """Store `value` on the nodes closest to `key` (and here, if close).
 
         Returns each node's reply (None: no answer; node None: this node).
+        Slow nodes are not waited for (see `settle`) unless `patient`: then
+        every node's reply, or its timeout, is awaited, for writes whose
+        outcome depends on every reply (a claim must hear the nodes that
+        hold a taken name).
 
         Raises:
             RegistryUnavailable: No other node is known, or none answered.
         """
         if not self.has_neighbors():
             raise RegistryUnavailable("no DHT node is reachable")
-        replies = await self._store_everywhere(key, self.serializer.encode(value))
+        raw = self.serializer.encode(value)
+        replies = await self._store_everywhere(key, raw, patient=patient)
         if not any(reply for node, reply in replies if node is not None):
             raise RegistryUnavailable("no DHT node answered the write")
         return replies
 
     async def _store_everywhere(
-        self, key: bytes, raw: bytes
+        self, key: bytes, raw: bytes, *, patient: bool = False
     ) -> list[tuple[Node | None, StoreReply | None]]:
         target = Node(key)
         nodes = await self._closest_nodes(target)
@@ -344,7 +362,12 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         calls = [
             asyncio.ensure_future(self.protocol.call_store(n, key, raw)) for n in nodes
         ]
-        answers = await settle(calls, nodes, self.protocol)
+        answers: list[StoreReply | None]
+        if patient:
+            answers = list(await asyncio.gather(*calls))
+        else:
+            settled = await settle(calls, self.protocol)
+            answers = settled
         replies.extend(zip(nodes, answers, strict=True))
         if None in answers:  # someone left: look again next time
             self._lookups.pop(key, None)

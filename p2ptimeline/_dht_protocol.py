@@ -456,10 +456,6 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
                 timeout.cancel()
                 self._outstanding.pop(msg_id, None)
 
-    def suspect(self, address: tuple[str, int]) -> None:
-        """Treat `address` as unreachable until it answers."""
-        self._unreachable[address] = time.monotonic()
-
     def _recently_unreachable(self, address: tuple[str, int]) -> bool:
         failed = self._unreachable.get(address)
         if failed is None:

@@ -40,6 +40,7 @@ log = logging.getLogger("p2ptimeline.registry")
 
 _MAX_CONCURRENT_CLAIM_READS = 32
 _REBOOTSTRAP_INTERVAL = 1.0
+_CONTACT_CHECK_INTERVAL = 10.0
 _CLAIM_CACHE_SIZE = 100_000
 
 
@@ -225,7 +226,7 @@ class DhtRegistry:
         seq = 0
         while True:
             claim = UsernameClaim.create(identity, username, sealed_key, seq=seq)
-            replies = await node.write(key, RegistryValue(claim=claim))
+            replies = await node.write(key, RegistryValue(claim=claim), patient=True)
             outcomes = [reply for _, reply in replies if reply is not None]
             if any(outcome is Outcome.TAKEN for outcome, _ in outcomes):
                 # Held by another key, or claimed by someone else at this
@@ -530,13 +531,17 @@ class DhtRegistry:
         return int(self._clock() * 1000)
 
     async def _maintain(self, node: DhtNode) -> None:
-        """Rejoin when cut off; refresh buckets and republish hourly."""
-        last_refresh = time.monotonic()
+        """Rejoin when cut off; drop contacts that left; refresh buckets and
+        republish hourly."""
+        last_refresh = last_check = time.monotonic()
         while True:
             await asyncio.sleep(_REBOOTSTRAP_INTERVAL)
             try:
                 if self._bootstrap and not node.has_neighbors():
                     await node.bootstrap(self._bootstrap)
+                if time.monotonic() - last_check > _CONTACT_CHECK_INTERVAL:
+                    last_check = time.monotonic()
+                    await node.check_contacts()
                 if time.monotonic() - last_refresh > 3600:
                     last_refresh = time.monotonic()
                     await node._refresh_table()

@@ -1,0 +1,982 @@
+"""An interactive p2ptimeline peer: register, follow, post and read from a prompt.
+
+Run: python examples/cli.py --port 9001 --bootstrap 127.0.0.1:8468
+
+(start bootstrap nodes first with ``python examples/bootstrap.py``). At the
+prompt, type ``help`` for the commands. Posts from the users you follow are
+shown as they arrive, above the line you are typing.
+
+Passwords are never typed on the command line. On a terminal they are asked
+for without echo. When the commands come from a pipe or a file (stdin is not
+a terminal), the line after ``register NAME`` or ``login NAME`` is the
+password::
+
+    printf 'register alice\\nmy password\\npost hello\\n' | python examples/cli.py ...
+
+Commands can also be given with ``-c "cmd; cmd"``. There, and only there,
+``register NAME PASSWORD`` and ``login NAME PASSWORD`` are accepted too, for
+scripts and tests; PASSWORD is the rest of the command (it is then visible
+to other local users, in the process list). Without a password in the -c
+form, it comes from stdin as above.
+
+Without a terminal the exit code is 0 when every command succeeded and 1 if
+any failed; every error is one line on stderr starting with ``error:``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import codecs
+import contextlib
+import datetime
+import logging
+import os
+import signal
+import sys
+import termios
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Protocol, TextIO
+
+import p2ptimeline as pt
+
+log = logging.getLogger("cli")
+
+HELP = """\
+commands:
+  register NAME       create user NAME (asks for a password) and log in
+  login NAME          log in as NAME, on this or any peer (asks for the password)
+  logout              log out
+  follow NAME         receive NAME's posts
+  unfollow NAME       stop receiving NAME's posts
+  post TEXT...        publish TEXT to your followers
+  timeline [N]        the N newest posts of you and whom you follow (20)
+  followers [NAME]    who follows NAME (default: you)
+  following [NAME]    whom NAME follows (default: you)
+  suggest [N]         up to N users to follow: friends of friends (10)
+  notifications       who followed or unfollowed you
+  help                this text
+  quit                log out and leave (also Ctrl-D)"""
+
+TIMELINE_DEFAULT = 20
+SUGGEST_DEFAULT = 10
+
+
+class CommandError(Exception):
+    """A command failed; the message is the one line shown to the user."""
+
+
+class Interrupted(Exception):
+    """The user pressed Ctrl-C while asked for a line."""
+
+
+# Formatting
+
+
+def clean(text: str) -> str:
+    """`text` with control characters escaped, so no post can drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii")
+        for ch in text
+    )
+
+
+def clock(timestamp: pt.HybridTimestamp) -> str:
+    """``HH:MM:SS`` in local time."""
+    moment = datetime.datetime.fromtimestamp(timestamp.physical_ms / 1000)
+    return moment.strftime("%H:%M:%S")
+
+
+def format_post(post: pt.Post) -> str:
+    return f"[{clock(post.timestamp)}] {clean(post.author)}: {clean(post.text)}"
+
+
+def describe(exc: pt.P2PTimelineError) -> str:
+    """One line saying what went wrong, for an error the command did not map."""
+    if isinstance(exc, pt.NotLoggedIn):
+        return "not logged in (use: login NAME, or register NAME)"
+    if isinstance(exc, pt.RegistryUnavailable):
+        return "nobody reachable (no DHT node answered)"
+    if isinstance(exc, pt.PeerUnreachable):
+        return f"a peer did not answer: {exc}"
+    if isinstance(exc, pt.NetworkError):
+        return f"network error: {exc}"
+    if isinstance(exc, pt.AuthError):
+        return f"not allowed: {exc}"
+    if isinstance(exc, pt.RemoteError):
+        return f"bad data from the network: {exc}"
+    if isinstance(exc, pt.StoreError):
+        return f"the local store failed: {exc}"
+    return str(exc)
+
+
+@contextlib.contextmanager
+def about(name: str) -> Iterator[None]:
+    """Report `UnknownUser` as being about `name`."""
+    try:
+        yield
+    except pt.UnknownUser as exc:
+        raise CommandError(f"unknown user {name!r}") from exc
+
+
+# The terminal: a small line editor that can print above the line being typed
+
+
+class Terminal:
+    """A one-line editor on a terminal, in cbreak mode, driven by the event loop.
+
+    Unlike `input()`, it lets other output (posts arriving, log lines) be
+    printed while a line is being typed: `print_above` clears the line,
+    prints, and draws the prompt and the partial input again. Keys: the
+    arrows, Home/End, Backspace/Delete, Ctrl-A/E/B/F/U/K/W/L/P/N, Ctrl-D.
+    Ctrl-C stays a signal (the owner calls `interrupt`). Long lines scroll
+    horizontally; characters are assumed one column wide.
+    """
+
+    def __init__(self, fd: int, output: TextIO) -> None:
+        self._fd = fd
+        self._output = output
+        self._saved: list[Any] | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""  # typed, not yet processed (type-ahead)
+        self._history: list[str] = []
+        self._line: _Edit | None = None
+
+    def __enter__(self) -> Terminal:
+        self._saved = termios.tcgetattr(self._fd)
+        self.cbreak()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._saved is not None:
+            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
+            self._saved = None
+
+    def cbreak(self) -> None:
+        """Keys one by one, no echo; Ctrl-C and Ctrl-Z still send signals."""
+        mode = termios.tcgetattr(self._fd)
+        mode[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)
+        mode[6][termios.VMIN] = 1
+        mode[6][termios.VTIME] = 0
+        termios.tcsetattr(self._fd, termios.TCSADRAIN, mode)
+
+    @property
+    def reading(self) -> bool:
+        """Whether a line is being read."""
+        return self._line is not None
+
+    async def read_line(self, prompt: str, *, hidden: bool = False) -> str:
+        """Show `prompt` and return the line typed (without echo if `hidden`).
+
+        Raises:
+            EOFError: Ctrl-D on an empty line, or the end of input.
+            Interrupted: `interrupt()` was called (Ctrl-C).
+        """
+        loop = asyncio.get_running_loop()
+        edit = _Edit(prompt=prompt, hidden=hidden, done=loop.create_future())
+        self._line = edit
+        self._refresh()
+        loop.add_reader(self._fd, self._on_readable)
+        try:
+            self._process()
+            return await edit.done
+        finally:
+            loop.remove_reader(self._fd)
+            if self._line is edit:
+                self._line = None
+
+    def interrupt(self, exc: BaseException, echo: str = "^C") -> None:
+        """End the line being read with `exc`; typed-ahead input is dropped."""
+        edit = self._line
+        if edit is None:
+            return
+        self._line = None
+        self._pending = ""
+        self._write(f"{echo}\n")
+        edit.done.set_exception(exc)
+
+    def print_above(self, text: str) -> None:
+        """Print `text` on its own line(s), keeping the line being typed intact."""
+        if self._line is None:
+            self._write(f"{text}\n")
+        else:
+            self._write(f"\r\x1b[K{text}\n")
+            self._refresh()
+
+    def redraw(self) -> None:
+        """Draw the line being typed again (after a resume, for example)."""
+        if self._line is not None:
+            self._refresh()
+
+    # Input
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, 4096)
+        except OSError:
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            edit, self._line = self._line, None
+            if edit is not None and not edit.done.done():
+                self._write("\n")
+                edit.done.set_exception(EOFError())
+            return
+        text = self._decoder.decode(data)
+        if text == "\x1b":
+            return  # a lone Escape key: nothing to do
+        self._pending += text
+        self._process()
+
+    def _process(self) -> None:
+        while self._line is not None and self._pending:
+            key, rest = _split_key(self._pending)
+            if key is None:
+                return  # an escape sequence cut between two reads
+            self._pending = rest
+            self._key(self._line, key)
+
+    def _key(self, edit: _Edit, key: str) -> None:
+        action = _KEYS.get(key)
+        if action is None:
+            if key.isprintable() and len(key) == 1:
+                edit.text = edit.text[: edit.pos] + key + edit.text[edit.pos :]
+                edit.pos += 1
+                self._refresh()
+            return
+        if action == "enter":
+            self._enter(edit)
+        elif action == "cancel":
+            self.interrupt(Interrupted())
+        elif action == "eof":
+            if not edit.text:
+                self.interrupt(EOFError(), echo="")
+                return
+            edit.text = edit.text[: edit.pos] + edit.text[edit.pos + 1 :]
+        elif action == "clear":
+            self._write("\x1b[H\x1b[2J")
+        elif action in ("up", "down"):
+            self._browse(edit, -1 if action == "up" else 1)
+        else:
+            edit.text, edit.pos = _EDITS[action](edit.text, edit.pos)
+        self._refresh()
+
+    def _enter(self, edit: _Edit) -> None:
+        edit.pos = len(edit.text)
+        self._refresh()
+        self._write("\n")
+        self._line = None
+        fresh = not self._history or self._history[-1] != edit.text
+        if not edit.hidden and edit.text.strip() and fresh:
+            self._history.append(edit.text)
+        edit.done.set_result(edit.text)
+
+    def _browse(self, edit: _Edit, step: int) -> None:
+        if edit.hidden:
+            return
+        if edit.index is None:
+            edit.index, edit.draft = len(self._history), edit.text
+        index = min(max(edit.index + step, 0), len(self._history))
+        edit.index = index
+        edit.text = self._history[index] if index < len(self._history) else edit.draft
+        edit.pos = len(edit.text)
+
+    # Output
+
+    def _refresh(self) -> None:
+        edit = self._line
+        if edit is None:
+            return
+        columns = self._columns()
+        text, pos = ("", 0) if edit.hidden else (edit.text, edit.pos)
+        width = len(edit.prompt)
+        # Keep the cursor on screen, and off the last column (the terminal
+        # would wrap there): show the window of the line around it.
+        start = max(0, width + pos - (columns - 1))
+        visible = text[start : start + max(columns - 1 - width, 0)]
+        column = width + pos - start
+        move = f"\r\x1b[{column}C" if column else "\r"
+        self._write(f"\r{edit.prompt}{visible}\x1b[K{move}")
+
+    def _columns(self) -> int:
+        try:
+            columns = os.get_terminal_size(self._output.fileno()).columns
+        except (OSError, ValueError):
+            columns = 0
+        return columns if columns > 10 else 80
+
+    def _write(self, text: str) -> None:
+        self._output.write(text)
+        self._output.flush()
+
+
+class _Edit:
+    """The line being edited."""
+
+    def __init__(self, *, prompt: str, hidden: bool, done: asyncio.Future[str]) -> None:
+        self.prompt = prompt
+        self.hidden = hidden
+        self.done = done
+        self.text = ""
+        self.pos = 0
+        self.index: int | None = None  # position in the history, when browsing
+        self.draft = ""  # the line typed before browsing the history
+
+
+_KEYS = {
+    "\x03": "cancel",  # Ctrl-C, when the terminal does not make it a signal
+    "\r": "enter",
+    "\n": "enter",
+    "\x7f": "backspace",
+    "\x08": "backspace",
+    "\x04": "eof",
+    "\x01": "home",
+    "\x05": "end",
+    "\x02": "left",
+    "\x06": "right",
+    "\x0b": "kill_end",
+    "\x15": "kill_start",
+    "\x17": "kill_word",
+    "\x0c": "clear",
+    "\x10": "up",
+    "\x0e": "down",
+    "\x1b[A": "up",
+    "\x1b[B": "down",
+    "\x1b[C": "right",
+    "\x1b[D": "left",
+    "\x1bOA": "up",
+    "\x1bOB": "down",
+    "\x1bOC": "right",
+    "\x1bOD": "left",
+    "\x1b[H": "home",
+    "\x1b[F": "end",
+    "\x1bOH": "home",
+    "\x1bOF": "end",
+    "\x1b[1~": "home",
+    "\x1b[7~": "home",
+    "\x1b[4~": "end",
+    "\x1b[8~": "end",
+    "\x1b[3~": "delete",
+}
+
+
+def _kill_word(text: str, pos: int) -> tuple[str, int]:
+    start = len(text[:pos].rstrip())
+    start = text.rfind(" ", 0, start) + 1
+    return text[:start] + text[pos:], start
+
+
+_EDITS: dict[str, Callable[[str, int], tuple[str, int]]] = {
+    "backspace": lambda t, p: (t[: p - 1] + t[p:], p - 1) if p else (t, p),
+    "delete": lambda t, p: (t[:p] + t[p + 1 :], p),
+    "home": lambda t, p: (t, 0),
+    "end": lambda t, p: (t, len(t)),
+    "left": lambda t, p: (t, max(p - 1, 0)),
+    "right": lambda t, p: (t, min(p + 1, len(t))),
+    "kill_end": lambda t, p: (t[:p], p),
+    "kill_start": lambda t, p: (t[p:], 0),
+    "kill_word": _kill_word,
+}
+
+
+def _split_key(text: str) -> tuple[str | None, str]:
+    """The first key of `text` (one character or an escape sequence) and the
+    rest; ``None`` if `text` ends in the middle of an escape sequence."""
+    if text[0] != "\x1b":
+        return text[0], text[1:]
+    if len(text) < 2:
+        return None, text
+    if text[1] == "[":  # CSI: parameters, then a final byte in @..~
+        for i in range(2, len(text)):
+            if "@" <= text[i] <= "~":
+                return text[: i + 1], text[i + 1 :]
+        return None, text
+    if text[1] == "O":  # SS3: one more character
+        return (text[:3], text[3:]) if len(text) >= 3 else (None, text)
+    return text[:2], text[2:]  # Alt+key: ignored
+
+
+# Where commands and passwords come from, and where output goes
+
+
+class Console(Protocol):
+    """The shell's input and output."""
+
+    interactive: bool
+    """Whether a person types the passwords (so `register` asks twice)."""
+
+    def out(self, text: str) -> None: ...
+
+    def error(self, text: str) -> None: ...
+
+    async def password(self, prompt: str) -> str: ...
+
+
+class StdinLines:
+    """Lines of stdin, read by a daemon thread so that any stdin works (a pipe,
+    a file, a terminal) and a pending read never holds up the exit.
+
+    The thread reads only when a line is asked for, so that a password
+    prompt on the same terminal gets the keys typed for it.
+    """
+
+    def __init__(self) -> None:
+        self._wanted = threading.Semaphore(0)
+        self._queue: asyncio.Queue[str | None] | None = None
+        self._ended = False
+
+    async def readline(self) -> str | None:
+        """The next line without its end, or None at the end of input."""
+        if self._ended:
+            return None
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            loop = asyncio.get_running_loop()
+            thread = threading.Thread(
+                target=self._pump, args=(loop, self._queue), daemon=True
+            )
+            thread.start()
+        self._wanted.release()
+        line = await self._queue.get()
+        self._ended = line is None
+        return line
+
+    def _pump(
+        self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]
+    ) -> None:
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        ended = False
+        try:
+            while True:
+                self._wanted.acquire()
+                while "\n" not in pending and not ended:
+                    try:
+                        data = os.read(0, 65536)
+                    except OSError:
+                        data = b""
+                    ended = not data
+                    pending += decoder.decode(data, final=ended)
+                line: str | None
+                if "\n" in pending:
+                    line, pending = pending.split("\n", 1)
+                    line = line.rstrip("\r")
+                else:
+                    line, pending = (pending or None), ""
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+                if line is None:
+                    return
+        except RuntimeError:
+            return  # the event loop is closed: nobody is listening any more
+
+
+class ScriptConsole:
+    """Commands from -c or stdin: output on stdout, errors on stderr."""
+
+    def __init__(self, stdin: StdinLines) -> None:
+        self._stdin = stdin
+        self.interactive = sys.stdin.isatty()
+
+    def out(self, text: str) -> None:
+        print(text, flush=True)
+
+    def error(self, text: str) -> None:
+        print(f"error: {text}", file=sys.stderr, flush=True)
+
+    async def password(self, prompt: str) -> str:
+        if self.interactive:
+            with Terminal(sys.stdin.fileno(), sys.stderr) as terminal:
+                return await terminal.read_line(prompt, hidden=True)
+        line = await self._stdin.readline()
+        if line is None:
+            raise CommandError("no password: it goes on the line after the command")
+        return line
+
+
+class TerminalConsole:
+    """The interactive prompt: everything goes through the line editor."""
+
+    interactive = True
+
+    def __init__(self, terminal: Terminal) -> None:
+        self._terminal = terminal
+
+    def out(self, text: str) -> None:
+        self._terminal.print_above(text)
+
+    def error(self, text: str) -> None:
+        self._terminal.print_above(f"error: {text}")
+
+    async def password(self, prompt: str) -> str:
+        return await self._terminal.read_line(prompt, hidden=True)
+
+
+class TerminalLogHandler(logging.Handler):
+    """Log lines printed above the prompt instead of across it."""
+
+    def __init__(self, terminal: Terminal, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._terminal = terminal
+        self._loop = loop
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            if threading.current_thread() is threading.main_thread():
+                self._terminal.print_above(line)
+            else:
+                self._loop.call_soon_threadsafe(self._terminal.print_above, line)
+        except Exception:
+            self.handleError(record)
+
+
+# The commands
+
+
+class Shell:
+    """Runs command lines against a `Peer`."""
+
+    def __init__(self, peer: pt.Peer, console: Console, *, script: bool) -> None:
+        self.peer = peer
+        self.console = console
+        self.script = script  # from -c: passwords allowed on the line
+        self.quit = False
+        self._commands: dict[str, Callable[[list[str], str], Awaitable[None]]] = {
+            "register": self.register,
+            "login": self.login,
+            "logout": self.logout,
+            "follow": self.follow,
+            "unfollow": self.unfollow,
+            "post": self.post,
+            "timeline": self.timeline,
+            "followers": self.followers,
+            "following": self.following,
+            "suggest": self.suggest,
+            "notifications": self.notifications,
+            "help": self.help,
+            "quit": self.stop,
+            "exit": self.stop,
+        }
+
+    def prompt(self) -> str:
+        return f"{self.peer.username}> " if self.peer.username else "> "
+
+    async def execute(self, line: str) -> bool:
+        """Run one command line; False if it failed (the error is shown)."""
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            return True
+        command = self._commands.get(words[0].lower())
+        if command is None:
+            self.console.error(f"unknown command {clean(words[0])!r} (try: help)")
+            return False
+        try:
+            await command(words[1:], line)
+        except CommandError as exc:
+            self.console.error(str(exc))
+        except (Interrupted, EOFError):
+            pass  # Ctrl-C or Ctrl-D at a password prompt: already shown
+        except pt.P2PTimelineError as exc:
+            log.debug("%s failed", words[0], exc_info=True)
+            self.console.error(describe(exc))
+        except Exception as exc:  # a bug: still one line, details in the log
+            log.debug("%s failed", words[0], exc_info=True)
+            self.console.error(
+                f"unexpected {type(exc).__name__}: {exc} "
+                "(--log-level DEBUG shows the details)"
+            )
+        else:
+            return True
+        return False
+
+    async def register(self, args: list[str], line: str) -> None:
+        name, password = await self._credentials(line, "register NAME", confirm=True)
+        try:
+            await self.peer.register(name, password)
+        except pt.UsernameTaken as exc:
+            raise CommandError(f"the name {name!r} is taken") from exc
+        self.console.out(f"registered and logged in as {name}")
+
+    async def login(self, args: list[str], line: str) -> None:
+        name, password = await self._credentials(line, "login NAME", confirm=False)
+        with about(name):
+            try:
+                await self.peer.login(name, password)
+            except pt.AuthError as exc:
+                raise CommandError("wrong password") from exc
+        news = await self.peer.notifications()
+        more = (
+            f" ({len(news)} notification{'s' if len(news) > 1 else ''})" if news else ""
+        )
+        self.console.out(f"logged in as {name}{more}")
+
+    async def _credentials(
+        self, line: str, usage: str, *, confirm: bool
+    ) -> tuple[str, str]:
+        """The name on `line` and the password: the rest of the line in a -c
+        script, else asked for (a terminal) or the next line (stdin)."""
+        args = line.split(maxsplit=2)[1:]
+        if self.script and len(args) == 2:
+            return args[0], args[1].strip()
+        if not self.console.interactive:
+            # The next line is the password: read it even if the command is
+            # wrong, so that it is never run as a command (nor shown).
+            password = await self.console.password("password: ")
+            if len(args) != 1:
+                raise CommandError(f"usage: {usage} (the password on the next line)")
+            if not password:
+                raise CommandError("empty password")
+            return args[0], password
+        if len(args) == 2:
+            raise CommandError(f"usage: {usage}, then type the password when asked")
+        if len(args) != 1:
+            raise CommandError(f"usage: {usage}")
+        name = args[0]
+        if not pt.check_username(name):
+            raise CommandError(f"invalid username {clean(name)!r}")
+        password = await self.console.password(f"password for {name}: ")
+        if not password:
+            raise CommandError("empty password")
+        if confirm and await self.console.password("same password again: ") != (
+            password
+        ):
+            raise CommandError("the passwords differ")
+        return name, password
+
+    async def logout(self, args: list[str], line: str) -> None:
+        _arguments(args, 0, 0, "logout")
+        await self.peer.logout()
+        self.console.out("logged out")
+
+    async def follow(self, args: list[str], line: str) -> None:
+        (name,) = _arguments(args, 1, 1, "follow NAME")
+        with about(name):
+            await self.peer.follow(name)
+        self.console.out(f"following {name}")
+
+    async def unfollow(self, args: list[str], line: str) -> None:
+        (name,) = _arguments(args, 1, 1, "unfollow NAME")
+        with about(name):
+            await self.peer.unfollow(name)
+        self.console.out(f"no longer following {name}")
+
+    async def post(self, args: list[str], line: str) -> None:
+        parts = line.strip().split(maxsplit=1)
+        if len(parts) < 2:
+            raise CommandError("usage: post TEXT...")
+        post = await self.peer.post(parts[1])
+        self.console.out(f"posted at {clock(post.timestamp)}")
+
+    async def timeline(self, args: list[str], line: str) -> None:
+        limit = _count(args, TIMELINE_DEFAULT, "timeline [N]")
+        posts = await self.peer.timeline(limit=limit)
+        for post in posts:
+            self.console.out(format_post(post))
+        if not posts:
+            self.console.out("(no posts yet)")
+
+    async def followers(self, args: list[str], line: str) -> None:
+        name = self._user(args, "followers [NAME]")
+        with about(name):
+            self._names(await self.peer.followers(name), "(nobody)")
+
+    async def following(self, args: list[str], line: str) -> None:
+        name = self._user(args, "following [NAME]")
+        with about(name):
+            self._names(await self.peer.following(name), "(nobody)")
+
+    async def suggest(self, args: list[str], line: str) -> None:
+        limit = _count(args, SUGGEST_DEFAULT, "suggest [N]")
+        names = await self.peer.suggestions(limit=limit)
+        self._names(names, "(no suggestions: they come from whom you follow)")
+
+    async def notifications(self, args: list[str], line: str) -> None:
+        _arguments(args, 0, 0, "notifications")
+        news = await self.peer.notifications()
+        for note in news:
+            verb = "followed" if note.kind == "follow" else "unfollowed"
+            self.console.out(f"[{clock(note.timestamp)}] {note.user} {verb} you")
+        if not news:
+            self.console.out("(no notifications)")
+
+    async def help(self, args: list[str], line: str) -> None:
+        self.console.out(HELP)
+
+    async def stop(self, args: list[str], line: str) -> None:
+        self.quit = True
+
+    def _user(self, args: list[str], usage: str) -> str:
+        _arguments(args, 0, 1, usage)
+        if args:
+            return args[0]
+        if self.peer.username is None:
+            raise CommandError("not logged in: give a NAME, or log in")
+        return self.peer.username
+
+    def _names(self, names: list[str], empty: str) -> None:
+        for name in names:
+            self.console.out(name)
+        if not names:
+            self.console.out(empty)
+
+
+def _arguments(args: list[str], least: int, most: int, usage: str) -> list[str]:
+    if not least <= len(args) <= most:
+        raise CommandError(f"usage: {usage}")
+    return args
+
+
+def _count(args: list[str], default: int, usage: str) -> int:
+    _arguments(args, 0, 1, usage)
+    if not args:
+        return default
+    try:
+        count = int(args[0])
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise CommandError(f"usage: {usage}, N a positive number")
+    return count
+
+
+# Running
+
+
+class Signals:
+    """SIGINT and SIGTERM, sent to whoever handles them at the moment."""
+
+    def __init__(self, default: Callable[[signal.Signals], None]) -> None:
+        self.handler = default
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._dispatch, signum)
+
+    def _dispatch(self, signum: signal.Signals) -> None:
+        self.handler(signum)
+
+    def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+async def run_script(peer: pt.Peer, command: str | None) -> int:
+    """Run the commands of -c, or else of stdin; 0 if all succeeded, else 1."""
+    stdin = StdinLines()
+    shell = Shell(peer, ScriptConsole(stdin), script=command is not None)
+    pending = command.split(";") if command is not None else []
+    failures = 0
+    while not shell.quit:
+        if command is None:
+            line = await stdin.readline()
+        else:
+            line = pending.pop(0) if pending else None
+        if line is None:
+            break
+        if not await shell.execute(line):
+            failures += 1
+    return 1 if failures else 0
+
+
+async def run_interactive(peer: pt.Peer, terminal: Terminal, signals: Signals) -> int:
+    """The prompt, until quit, Ctrl-D or SIGTERM."""
+    loop = asyncio.get_running_loop()
+    handler = TerminalLogHandler(terminal, loop)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    saved_handlers = root.handlers[:]
+    root.handlers[:] = [handler]
+    shell = Shell(peer, TerminalConsole(terminal), script=False)
+    running: asyncio.Task[bool] | None = None
+    stopping = False
+
+    def on_signal(signum: signal.Signals) -> None:
+        nonlocal stopping
+        if signum == signal.SIGTERM:  # leave, whatever is going on
+            stopping = True
+            terminal.interrupt(EOFError(), echo="")
+            if running is not None:
+                running.cancel()
+        elif terminal.reading:  # Ctrl-C at a prompt: drop the line
+            terminal.interrupt(Interrupted())
+        elif running is not None:  # Ctrl-C during a command: stop it
+            running.cancel()
+
+    def on_resume() -> None:  # after Ctrl-Z and fg: the shell reset the tty
+        terminal.cbreak()
+        terminal.redraw()
+
+    async def show_incoming() -> None:
+        async for post in peer.incoming():
+            terminal.print_above(f"* {format_post(post)}")
+
+    default_handler, signals.handler = signals.handler, on_signal
+    loop.add_signal_handler(signal.SIGCONT, on_resume)
+    shower = asyncio.create_task(show_incoming())
+    host, port = peer.address
+    terminal.print_above(
+        f"p2ptimeline {pt.__version__}: peer on {host}:{port}. "
+        "Type 'help' for the commands."
+    )
+    try:
+        while not (stopping or shell.quit):
+            try:
+                line = await terminal.read_line(shell.prompt())
+            except EOFError:
+                break
+            except Interrupted:
+                continue
+            running = asyncio.create_task(shell.execute(line))
+            await asyncio.wait([running])
+            if running.cancelled() and not stopping:
+                terminal.print_above("interrupted")
+            running = None
+    finally:
+        shower.cancel()
+        await asyncio.gather(shower, return_exceptions=True)
+        loop.remove_signal_handler(signal.SIGCONT)
+        signals.handler = default_handler
+        root.handlers[:] = saved_handlers
+    print("bye", flush=True)
+    return 0
+
+
+async def run(args: argparse.Namespace) -> int:
+    """Start the peer, run the commands, stop the peer; returns the exit code."""
+    work = asyncio.current_task()
+    assert work is not None
+    interrupted = started = False
+
+    def cancel(signum: signal.Signals) -> None:
+        nonlocal interrupted
+        interrupted = True
+        work.cancel()
+
+    signals = Signals(cancel)
+    interactive = args.command is None and sys.stdin.isatty() and sys.stdout.isatty()
+    # On a terminal, echo goes off at once: what is typed while the peer
+    # starts is kept for the prompt, and a password typed early never shows.
+    terminal = Terminal(sys.stdin.fileno(), sys.stdout) if interactive else None
+    try:
+        peer = pt.Peer(
+            args.host,
+            args.port,
+            args.bootstrap,
+            data_dir=args.data_dir,
+            clock=pt.ClockSync(servers=args.ntp),
+            config=pt.PeerConfig(seal_cost=args.seal_cost),
+        )
+        with terminal or contextlib.nullcontext():
+            async with peer:
+                started = True
+                if terminal is not None:
+                    return await run_interactive(peer, terminal, signals)
+                return await run_script(peer, args.command)
+    except (pt.P2PTimelineError, OSError) as exc:
+        # Commands report their own errors: this is about starting the peer,
+        # or stopping it, or an output that went away.
+        doing = "" if started else "cannot start the peer: "
+        print(f"error: {doing}{exc}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        if not interrupted:
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 1
+    finally:
+        signals.close()
+
+
+def address(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``[IPV6]:PORT``; PORT optional with a default) as a pair."""
+    host, colon, port = text.rpartition(":")
+    if not colon or "]" in port:
+        host, port = text, ""
+    host = host.removeprefix("[").removesuffix("]")
+    if not port and default_port is not None:
+        return host, default_port
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        form = "HOST[:PORT]" if default_port is not None else "HOST:PORT"
+        raise argparse.ArgumentTypeError(f"{text!r} is not {form}")
+    return host, int(port)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="An interactive p2ptimeline peer.",
+        epilog="Without a terminal on stdin, or with -c, runs the commands and "
+        "exits with 0 if all succeeded, 1 otherwise. There the line after "
+        "'register NAME' or 'login NAME' is the password; -c also accepts "
+        "'register NAME PASSWORD' and 'login NAME PASSWORD' (scripts only).",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="interface to listen on (%(default)s)"
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=0,
+        help="UDP and TCP port of this peer (default: any free port)",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        metavar="HOST:PORT",
+        type=address,
+        action="append",
+        default=[],
+        help="a DHT node to join through, e.g. one of bootstrap.py (repeatable)",
+    )
+    parser.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="keep identities and posts in DIR across runs (default: in memory)",
+    )
+    parser.add_argument(
+        "--ntp",
+        metavar="HOST[:PORT]",
+        type=lambda text: address(text, default_port=123),
+        action="append",
+        default=[],
+        help="an NTP server to correct the clock with (repeatable; "
+        "default: none, the local clock is trusted as is)",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        type=str.upper,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (%(default)s)",
+    )
+    parser.add_argument(
+        "-c",
+        dest="command",
+        metavar='"CMD; CMD"',
+        help="run these commands, separated by ';', instead of reading stdin",
+    )
+    # Advanced: the scrypt cost of sealing keys; tests make it cheap.
+    parser.add_argument(
+        "--seal-cost",
+        type=int,
+        default=pt.PeerConfig().seal_cost,
+        help=argparse.SUPPRESS,
+    )
+    args = parser.parse_args(argv)
+    if not 0 <= args.port < 65536:
+        parser.error("--port must lie between 0 and 65535")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(levelname)s %(name)s: %(message)s"
+    )
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

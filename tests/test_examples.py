@@ -1,0 +1,314 @@
+"""The reference clients, examples/bootstrap.py and examples/cli.py, as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import os
+import pty
+import re
+import signal
+import socket
+import struct
+import sys
+import termios
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CHEAP = ["--seal-cost", "10"]  # scrypt at 2**10: registering takes milliseconds
+TIME = r"\[\d\d:\d\d:\d\d\]"
+PIPE = asyncio.subprocess.PIPE
+
+
+async def spawn(
+    script: str, *args: str, **options: object
+) -> asyncio.subprocess.Process:
+    """Start `script` from examples/ with this Python."""
+    options = {"stdin": PIPE, "stdout": PIPE, "stderr": PIPE, **options}
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / script),
+        *args,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def read_until(
+    stream: asyncio.StreamReader, pattern: str, within: float = 10.0
+) -> str:
+    """Lines of `stream` up to and including one matching `pattern`."""
+    text = ""
+    async with asyncio.timeout(within):
+        while True:
+            line = (await stream.readline()).decode()
+            if not line:
+                raise AssertionError(f"no {pattern!r} before the end: {text!r}")
+            text += line
+            if re.search(pattern, line):
+                return text
+
+
+async def run(
+    *args: str, stdin: str = "", within: float = 15.0
+) -> tuple[int, str, str]:
+    """Run examples/cli.py to the end: exit code, stdout, stderr."""
+    process = await spawn("cli.py", *CHEAP, *args)
+    async with asyncio.timeout(within):
+        out, err = await process.communicate(stdin.encode())
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def finish(process: asyncio.subprocess.Process, within: float = 10.0) -> int:
+    async with asyncio.timeout(within):
+        return await process.wait()
+
+
+@contextlib.asynccontextmanager
+async def bootstrap_nodes(count: int = 2) -> AsyncIterator[list[str]]:
+    """examples/bootstrap.py on free ports; yields the ``--bootstrap`` options."""
+    process = await spawn(
+        "bootstrap.py", "--port", "0", "--count", str(count), "--log-level", "WARNING"
+    )
+    try:
+        assert process.stdout is not None
+        text = await read_until(process.stdout, r"^ready$")
+        addresses = re.findall(r"listening on (127\.0\.0\.1:\d+)", text)
+        assert len(addresses) == count
+        yield [option for a in addresses for option in ("--bootstrap", a)]
+    finally:
+        if process.returncode is None:
+            process.terminate()
+        code = await finish(process)
+    assert code == 0
+
+
+@pytest.fixture
+async def network() -> AsyncIterator[list[str]]:
+    """Two bootstrap nodes; the value is the cli.py options to join them."""
+    async with bootstrap_nodes() as options:
+        yield options
+
+
+class Alice:
+    """A long-lived cli.py driven through its stdin, as user alice."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+
+    @classmethod
+    async def start(cls, network: list[str], first: str) -> Alice:
+        """Start the peer and run `first` (register or login) on it."""
+        alice = cls(await spawn("cli.py", *CHEAP, *network))
+        await alice.send(f"{first} alice\nalice's pw", r"in as alice")
+        return alice
+
+    async def send(self, lines: str, expect: str) -> str:
+        """Write `lines` and read the output up to a line matching `expect`."""
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(f"{lines}\n".encode())
+        await self.process.stdin.drain()
+        return await read_until(self.process.stdout, expect)
+
+    async def quit(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        assert await finish(self.process) == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+async def test_bootstrap_serves_until_a_signal(signum: signal.Signals) -> None:
+    """bootstrap.py prints each node's address and "ready", and exits 0 on a signal."""
+    process = await spawn(
+        "bootstrap.py", "--port", "0", "--count", "3", "--log-level", "WARNING"
+    )
+    assert process.stdout is not None
+    assert process.stderr is not None
+    text = await read_until(process.stdout, r"^ready$")
+    assert len(re.findall(r"(?m)^node \d/3 listening on 127\.0\.0\.1:\d+", text)) == 3
+    process.send_signal(signum)
+    assert await finish(process) == 0
+    assert b"Traceback" not in await process.stderr.read()
+
+
+async def test_bootstrap_reports_a_taken_port() -> None:
+    """bootstrap.py on a port in use fails with one line and exit code 1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        process = await spawn("bootstrap.py", "--port", str(port), "--count", "1")
+        async with asyncio.timeout(10):
+            out, err = await process.communicate()
+    assert process.returncode == 1
+    assert b"ready" not in out
+    lines = err.decode().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, lines
+    assert f":{port}" in errors[0]
+    assert "Traceback" not in err.decode()
+
+
+async def test_scripted_clients_follow_post_and_read(network: list[str]) -> None:
+    """Driven by -c and stdin, bob follows alice and reads her post in his timeline."""
+    code, out, err = await run(*network, "-c", "register alice alice's pw; logout")
+    assert (code, err) == (0, ""), err
+    assert out.splitlines() == ["registered and logged in as alice", "logged out"]
+
+    code, out, err = await run(*network, stdin="register bob\nbob's pw\nfollow alice\n")
+    assert (code, err) == (0, ""), err
+    assert out.splitlines() == ["registered and logged in as bob", "following alice"]
+
+    alice = await Alice.start(network, "login")
+    await alice.send("followers", r"^bob$")
+    await alice.send("post hello from alice", r"^posted at \d\d:\d\d:\d\d$")
+    try:
+        async with asyncio.timeout(20):
+            while True:  # bob pulls from alice at login
+                code, out, err = await run(
+                    *network, "-c", "login bob bob's pw; timeline"
+                )
+                assert (code, err) == (0, ""), err
+                if "hello from alice" in out:
+                    break
+    finally:
+        await alice.quit()
+    expected = rf"logged in as bob\n{TIME} alice: hello from alice\n"
+    assert re.fullmatch(expected, out), out
+
+
+async def test_errors_are_one_line_and_exit_1(network: list[str]) -> None:
+    """Unknown user, wrong password, unknown command: one line each, exit code 1."""
+    code, _, err = await run(*network, "-c", "register carol pw")
+    assert (code, err) == (0, "")
+
+    cases = [
+        (["-c", "login dave pw"], "", ["error: unknown user 'dave'"]),
+        ([], "login carol\nnot her pw\n", ["error: wrong password"]),
+        (
+            ["-c", "follow nobody"],
+            "",
+            ["error: not logged in (use: login NAME, or register NAME)"],
+        ),
+        (
+            ["-c", "frobnicate; help"],
+            "",
+            ["error: unknown command 'frobnicate' (try: help)"],
+        ),
+    ]
+    results = await asyncio.gather(*(run(*network, *a, stdin=s) for a, s, _ in cases))
+    for (args, _, expected), (code, out, err) in zip(cases, results, strict=True):
+        assert code == 1, (args, out, err)
+        assert err.splitlines() == expected, (args, err)
+        assert "Traceback" not in out + err
+    assert "commands:" in results[-1][1]  # the command after the failed one ran
+
+    # Alone, not during the others: loaded, the bootstrap nodes that hold
+    # carol's claim can answer after the fresh peers, and claim_username then
+    # lets a second claim through (a library bug, reported; the unit of this
+    # test is the CLI's message).
+    code, _, err = await run(*network, "-c", "register carol pw")
+    assert (code, err) == (1, "error: the name 'carol' is taken\n")
+
+    code, out, err = await run("--log-level", "ERROR", "-c", "register x pw")
+    assert (code, err) == (1, "error: nobody reachable (no DHT node answered)\n")
+
+
+class Pty:
+    """The master side of a pseudo-terminal, read in the background."""
+
+    def __init__(self) -> None:
+        self.master, self.slave = pty.openpty()
+        size = struct.pack("HHHH", 24, 100, 0, 0)  # rows, columns
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, size)
+        self.output = b""
+        self.seen = 0  # `expect` searches from here
+        self._changed = asyncio.Event()
+        asyncio.get_running_loop().add_reader(self.master, self._read)
+
+    def _read(self) -> None:
+        try:
+            data = os.read(self.master, 65536)
+        except OSError:  # EIO: the other side is closed
+            data = b""
+        if not data:
+            asyncio.get_running_loop().remove_reader(self.master)
+        self.output += data
+        self._changed.set()
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    async def expect(self, pattern: str, within: float = 10.0) -> re.Match[str]:
+        """Wait until the output since the last match matches `pattern`."""
+        async with asyncio.timeout(within):
+            while True:
+                text = self.output.decode(errors="replace")
+                found = re.compile(pattern, re.DOTALL).search(text, self.seen)
+                if found:
+                    self.seen = found.end()
+                    return found
+                self._changed.clear()
+                await self._changed.wait()
+
+    def close(self) -> None:
+        asyncio.get_running_loop().remove_reader(self.master)
+        os.close(self.master)
+
+
+async def test_interactive_prompt_on_a_terminal(network: list[str]) -> None:
+    """On a terminal: hidden password, live post above the typed line, Ctrl-C, quit."""
+    alice = await Alice.start(network, "register")
+    terminal = Pty()
+    process = await spawn(
+        "cli.py",
+        *CHEAP,
+        *network,
+        stdin=terminal.slave,
+        stdout=terminal.slave,
+        stderr=terminal.slave,
+        start_new_session=True,
+    )
+    os.close(terminal.slave)
+    try:
+        await terminal.expect(r"Type 'help'.*\r> ")
+        terminal.type("register bob\r")
+        await terminal.expect(r"password for bob: ")
+        terminal.type("s3cret-pw\r")
+        await terminal.expect(r"same password again: ")
+        terminal.type("s3cret-pw\r")
+        await terminal.expect(r"registered and logged in as bob\r\n.*bob> ")
+        terminal.type("follow alice\r")
+        await terminal.expect(r"following alice\r\n.*bob> ")
+
+        terminal.type("time")  # half a command, when the post arrives
+        await terminal.expect(r"bob> time")
+        await alice.send("post live to bob", r"^posted at")
+        await terminal.expect(rf"\r\x1b\[K\* {TIME} alice: live to bob\r\n\rbob> time")
+        terminal.type("line 5\r")
+        await terminal.expect(rf"bob> timeline 5.*\r\n{TIME} alice: live to bob\r\n")
+
+        terminal.type("junk")
+        await terminal.expect(r"bob> junk")
+        process.send_signal(signal.SIGINT)
+        await terminal.expect(r"\^C\r\n\rbob> ")
+        terminal.type("following\r")
+        await terminal.expect(r"\r\nalice\r\n.*bob> ")
+
+        terminal.type("quit\r")
+        await terminal.expect(r"bye")
+        assert await finish(process) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await finish(process)
+        terminal.close()
+        await alice.quit()
+    assert b"s3cret-pw" not in terminal.output
+    assert b"Traceback" not in terminal.output
