@@ -564,14 +564,24 @@ class Peer:
         authors = session.following | {session.username}
         return await self._store.timeline(authors, limit=limit, before=before)
 
-    async def incoming(self) -> AsyncIterator[Post]:
+    def incoming(self) -> AsyncIterator[Post]:
         """Posts as they arrive from followees (pushed or pulled), until `stop()`.
+
+        The iterator gets every post that arrives after this call, even
+        before iteration starts::
+
+            stream = peer.incoming()
+            async for post in stream:
+                ...
 
         Each iterator buffers up to `PeerConfig.incoming_buffer` posts;
         beyond that the oldest are dropped (with a warning).
         """
         queue: asyncio.Queue[Post | None] = asyncio.Queue(self.config.incoming_buffer)
         self._subscribers.add(queue)
+        return self._drain(queue)
+
+    async def _drain(self, queue: asyncio.Queue[Post | None]) -> AsyncIterator[Post]:
         try:
             while (post := await queue.get()) is not None:
                 yield post

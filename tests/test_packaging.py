@@ -12,19 +12,28 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = """
-import asyncio, tempfile, os
+import asyncio, os
 import p2ptimeline as pt
 assert "site-packages" in pt.__file__, pt.__file__
 assert os.path.exists(os.path.join(os.path.dirname(pt.__file__), "py.typed"))
 
 async def main():
-    identity = pt.Identity.generate()
-    with tempfile.TemporaryDirectory() as tmp:
-        async with pt.SqliteStore(os.path.join(tmp, "db")) as store:
-            clock = pt.HybridLogicalClock(lambda: 1_700_000_000_000)
-            post = pt.Post.create(identity, "alice", "hello", clock.now())
-            await store.add([post])
-            assert await store.timeline({"alice"}) == [post]
+    boot = pt.DhtRegistry()
+    await boot.start("127.0.0.1", 0)
+    config = pt.PeerConfig(seal_cost=10)
+    clock = pt.ClockSync(servers=[])
+    async with pt.Peer("127.0.0.1", 0, [boot.address], clock=clock, config=config) as a, \
+               pt.Peer("127.0.0.1", 0, [boot.address], clock=clock, config=config) as b:
+        await a.register("alice", "pw")
+        await b.register("bob", "pw")
+        await b.follow("alice")
+        stream = b.incoming()
+        post = await a.post("hello from the wheel")
+        async with asyncio.timeout(10):
+            assert (await anext(stream)).id == post.id
+        assert (await b.timeline())[0].text == "hello from the wheel"
+        await stream.aclose()
+    await boot.stop()
     print("ok", pt.__version__)
 
 asyncio.run(main())
@@ -33,7 +42,7 @@ asyncio.run(main())
 
 @pytest.mark.slow
 def test_wheel_installs_and_imports(tmp_path: Path) -> None:
-    """python -m build makes a wheel that installs in a fresh venv and runs."""
+    """The wheel installs into a fresh venv, and two peers follow and post with it."""
     subprocess.run(
         [
             sys.executable,

@@ -331,11 +331,9 @@ async def test_restart_on_the_same_data_dir_keeps_everything(
 async def test_incoming_streams_posts_as_they_arrive(peers: PeerFactory) -> None:
     """incoming() yields posts pushed by followees, in arrival order."""
     star, fan = await star_and_fans(peers, 1)
-    stream = fan.incoming()
-    first = asyncio.ensure_future(anext(stream))
-    await asyncio.sleep(0)  # let the iterator subscribe before posting
+    stream = fan.incoming()  # subscribed from here on
     post = await star.post("live")
-    assert (await asyncio.wait_for(first, 10)).id == post.id
+    assert (await asyncio.wait_for(anext(stream), 10)).id == post.id
     await stream.aclose()
 
 
