@@ -20,10 +20,12 @@ assert os.path.exists(os.path.join(os.path.dirname(pt.__file__), "py.typed"))
 async def main():
     boot = pt.DhtRegistry()
     await boot.start("127.0.0.1", 0)
-    config = pt.PeerConfig(seal_cost=10)
-    clock = pt.ClockSync(servers=[])
-    async with pt.Peer("127.0.0.1", 0, [boot.address], clock=clock, config=config) as a, \
-               pt.Peer("127.0.0.1", 0, [boot.address], clock=clock, config=config) as b:
+    def peer():
+        config = pt.PeerConfig(seal_cost=10)
+        clock = pt.ClockSync(servers=[])
+        return pt.Peer("127.0.0.1", 0, [boot.address], clock=clock, config=config)
+
+    async with peer() as a, peer() as b:
         await a.register("alice", "pw")
         await b.register("bob", "pw")
         await b.follow("alice")
