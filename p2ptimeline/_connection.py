@@ -254,7 +254,9 @@ class ConnectionPool:
         while len(self._connections) - len(stale) > self._limits.max_connections:
             stale.append(next(a for a in self._connections if a not in stale))
         for address in stale:
-            await self._connections.pop(address).close()
+            connection = self._connections.pop(address, None)
+            if connection is not None:  # another eviction may have taken it
+                await connection.close()
 
     async def close(self) -> None:
         """Close every connection. Idempotent."""
