@@ -15,6 +15,8 @@ import itertools
 import logging
 from collections.abc import Awaitable, Callable
 
+import attrs
+
 from ._errors import PeerUnreachable, ProtocolError, RemoteError
 from ._serializer import Serializer
 from ._wire import (
@@ -34,34 +36,33 @@ Handler = Callable[[Message, tuple[str, int]], Awaitable[Message]]
 """Answers one request message from a remote address with a reply message."""
 
 
+@attrs.frozen(kw_only=True)
 class Limits:
-    """Resource limits of the peer protocol (all configurable).
+    """Resource limits of the peer protocol, all configurable.
 
-    Args:
-        max_frame_size: Largest frame accepted or sent, in bytes.
-        connect_timeout: Seconds to open a TCP connection.
-        request_timeout: Seconds to wait for a reply.
-        idle_timeout: Seconds an unused connection stays open.
-        max_connections: Most incoming connections served at once.
-        max_pending: Most requests served at once on one connection.
+    They bound what one peer can cost another: memory (frame size, queued
+    requests), sockets (connections, per remote host too) and time (every
+    wait has a timeout; a frame once started must arrive in `frame_timeout`,
+    so connections opened and never finished are closed).
     """
 
-    def __init__(
-        self,
-        *,
-        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
-        connect_timeout: float = 3.0,
-        request_timeout: float = 5.0,
-        idle_timeout: float = 60.0,
-        max_connections: int = 1024,
-        max_pending: int = 32,
-    ) -> None:
-        self.max_frame_size = max_frame_size
-        self.connect_timeout = connect_timeout
-        self.request_timeout = request_timeout
-        self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
-        self.max_pending = max_pending
+    max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
+    """Largest frame accepted or sent, in bytes."""
+    connect_timeout: float = 3.0
+    """Seconds to open a TCP connection."""
+    request_timeout: float = 5.0
+    """Seconds to wait for the reply to a request."""
+    frame_timeout: float = 10.0
+    """Seconds a frame may take to arrive once its first byte has."""
+    idle_timeout: float = 60.0
+    """Seconds an unused connection stays open."""
+    max_connections: int = 1024
+    """Most incoming connections served at once."""
+    max_connections_per_host: int = 32
+    """Most incoming connections served at once from one IP address."""
+    max_pending: int = 32
+    """Most requests served at once on one connection (four times as many
+    may wait; more are refused)."""
 
 
 class _Connection:
@@ -93,6 +94,10 @@ class _Connection:
     def closed(self) -> bool:
         return self._task.done()
 
+    def done(self, callback: Callable[[object], None]) -> None:
+        """Call `callback` once the connection has closed."""
+        self._task.add_done_callback(callback)
+
     async def request(self, message: Message) -> Message:
         """Send a request and wait for its reply message (no timeout here).
 
@@ -122,17 +127,28 @@ class _Connection:
         self._writer.write(data)
 
     async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        limits = self._limits
+        frame_deadline = None
         try:
             while True:
-                timeout = self._limits.idle_timeout if self._handler else None
-                async with asyncio.timeout(timeout):
+                deadline = None
+                if self._handler is not None:  # serving: idle peers get closed
+                    deadline = loop.time() + limits.idle_timeout
+                if frame_deadline is not None:  # in the middle of a frame
+                    deadline = min(deadline or frame_deadline, frame_deadline)
+                async with asyncio.timeout_at(deadline):
                     data = await self._reader.read(65536)
                 if not data:
                     break
                 for frame in self._decoder.feed(data):
                     self._dispatch(frame)
+                if not self._decoder.buffered:
+                    frame_deadline = None
+                elif frame_deadline is None:
+                    frame_deadline = loop.time() + limits.frame_timeout
         except TimeoutError:
-            log.debug("closing idle connection from %s", self.remote)
+            log.info("closed an idle or stalled connection from %s", self.remote)
         except RemoteError as exc:
             log.info("closing connection to %s: %s", self.remote, exc)
         except (ConnectionError, OSError) as exc:
@@ -277,6 +293,7 @@ class PeerServer:
         self._limits = limits
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        self._per_host: collections.Counter[str] = collections.Counter()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on TCP `host`:`port`; returns the address bound."""
@@ -287,20 +304,27 @@ class PeerServer:
     async def _accept(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        if len(self._connections) >= self._limits.max_connections:
-            log.warning(
-                "too many connections; refused one from %s",
-                writer.get_extra_info("peername"),
-            )
+        host = writer.get_extra_info("peername")[0]
+        if (
+            len(self._connections) >= self._limits.max_connections
+            or self._per_host[host] >= self._limits.max_connections_per_host
+        ):
+            log.warning("too many connections: refused one from %s", host)
             writer.close()
             return
         connection = _Connection(
             reader, writer, self._serializer, self._limits, self._handler
         )
         self._connections.add(connection)
-        connection._task.add_done_callback(
-            lambda _: self._connections.discard(connection)
-        )
+        self._per_host[host] += 1
+
+        def forget(_: object) -> None:
+            self._connections.discard(connection)
+            self._per_host[host] -= 1
+            if not self._per_host[host]:
+                del self._per_host[host]
+
+        connection.done(forget)
 
     async def close(self) -> None:
         """Stop listening and close every connection. Idempotent."""
