@@ -121,7 +121,7 @@ class _Session:
     following: set[str]
     directory: FollowerDirectory
     notifications: list[Notification]
-    tasks: set[asyncio.Task[None]] = attrs.field(factory=set)
+    tasks: set[asyncio.Future[object]] = attrs.field(factory=set)
 
 
 class Peer:
@@ -177,7 +177,7 @@ class Peer:
         self._pool: ConnectionPool | None = None
         self._port: int | None = None
         self._session: _Session | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Future[object]] = set()
         self._subscribers: set[asyncio.Queue[Post | None]] = set()
         self._keys: collections.OrderedDict[str, bytes] = collections.OrderedDict()
         self._forwarded: collections.OrderedDict[tuple[bytes, int], None] = (
@@ -458,7 +458,7 @@ class Peer:
             session.username, "following", session.following
         )
         await self._notify_followee(session, FollowNotice(entry=entry, presence=None))
-        self._session_task(session, self._pull_quietly(username))
+        self._session_task(session, self._pull(username))
 
     async def unfollow(self, username: str) -> None:
         """Stop following `username`. See `follow`."""
@@ -592,36 +592,37 @@ class Peer:
         """Pull the posts missed from every followee now; returns how many were new.
 
         Each followee's posts come from the followee if it is online, else
-        from one of its online followers. Runs at login and periodically.
+        from some of its online followers. Runs at login and periodically.
 
         Raises:
             NotLoggedIn: Nobody is logged in.
         """
         session = self._require_session()
-        followees = sorted(session.following)
-        latest = await self._store.latest(followees)
-        counts = await _bounded(lambda f: self._pull(f, latest.get(f)), followees)
+        counts = await _bounded(self._pull, sorted(session.following))
         return sum(counts)
 
-    async def _pull_quietly(self, author: str) -> None:
-        latest = await self._store.latest([author])
-        await self._pull(author, latest.get(author))
+    async def _pull(self, author: str) -> int:
+        """Fetch the posts of `author` this peer may have missed.
 
-    async def _pull(self, author: str, since: HybridTimestamp | None) -> int:
-        """Fetch `author`'s posts after `since` from whoever has them.
-
-        The author, when online, has them all. Otherwise each online follower
-        has those it received: a few of them are asked and their answers
-        merged. A source that fails or sends bad posts is skipped.
+        It asks for everything after the author's *watermark*: the time up
+        to which this peer is known to hold all the author's posts. (The
+        newest post held is no such mark: pushes can arrive with gaps when
+        a forwarder dies.) Only a pull from the author, who holds them all,
+        moves the mark; followers, who hold what they received, are asked
+        when the author is offline, and a few of their answers are merged.
+        A source that fails or sends bad posts is skipped.
         """
+        me = self._require_session().username
+        mark_key = f"watermark/{me}/{author}"
+        mark = await self._store.get_state(mark_key)
+        since = HybridTimestamp.unpack(int.from_bytes(mark)) if mark else None
         try:
             key = await self._public_key(author)
-            sources, author_online = await self._sources(author, key)
+            sources, author_address = await self._sources(author, key)
         except (NetworkError, RemoteError, UnknownUser) as exc:
             log.info("could not pull %s's posts: %s", author, exc)
             return 0
-        new = 0
-        answered = 0
+        new = answered = 0
         for address in sources:
             try:
                 posts = await self._fetch(address, author, key, since)
@@ -629,16 +630,21 @@ class Peer:
                 log.info("could not pull %s's posts from %s: %s", author, address, exc)
                 continue
             new += len(await self._accept(posts))
+            if address == author_address:
+                if posts:
+                    mark = posts[-1].timestamp.packed().to_bytes(8)
+                    await self._store.put_state(mark_key, mark)
+                break
             answered += 1
-            if author_online or answered >= _PULL_MERGE:
+            if answered >= _PULL_MERGE:
                 break
         return new
 
     async def _sources(
         self, author: str, key: bytes
-    ) -> tuple[list[tuple[str, int]], bool]:
+    ) -> tuple[list[tuple[str, int]], tuple[str, int] | None]:
         """Where to pull `author`'s posts from: the author, then its followers;
-        and whether the author is online."""
+        and the author's address if it is online."""
         sources = []
         presence = await self.registry.get_presence(key)
         now = self._clock.now_ms()
@@ -656,7 +662,8 @@ class Peer:
                 sources.append(record.address)
             if len(sources) > _PULL_SOURCES:
                 break
-        return [s for s in sources if s != self.address], online
+        author_address = presence.address if presence and online else None
+        return [s for s in sources if s != self.address], author_address
 
     async def _fetch(
         self,
@@ -907,12 +914,12 @@ class Peer:
         if self._session is not None:
             raise UsageError(f"{self._session.username} is logged in: log out first")
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[object]) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(_forget(self._tasks))
 
-    def _session_task(self, session: _Session, coro: Awaitable[None]) -> None:
+    def _session_task(self, session: _Session, coro: Awaitable[object]) -> None:
         task = asyncio.ensure_future(coro)
         session.tasks.add(task)
         task.add_done_callback(_forget(session.tasks))
@@ -935,8 +942,10 @@ def _offer(queue: asyncio.Queue[Post | None], item: Post | None) -> None:
     queue.put_nowait(item)
 
 
-def _forget(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
-    def done(task: asyncio.Task[None]) -> None:
+def _forget(
+    tasks: set[asyncio.Future[object]],
+) -> Callable[[asyncio.Future[object]], None]:
+    def done(task: asyncio.Future[object]) -> None:
         tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
