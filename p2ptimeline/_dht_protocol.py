@@ -24,9 +24,11 @@ changes what is unsafe or wrong for a registry:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import functools
+import heapq
 import ipaddress
 import logging
 import os
@@ -174,6 +176,7 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
     def flush(self) -> None:
         super().flush()
         self._contacts: list[Node] | None = None  # all contacts, rebuilt on change
+        self._uppers: list[int] | None = None  # bucket upper bounds, for bisect
 
     def find_neighbors(
         self, node: Node, k: int | None = None, exclude: Node | None = None
@@ -181,10 +184,10 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         # kademlia 2.2.3 stops after the first k nodes met walking outwards
         # bucket by bucket, which are not the k closest by XOR distance.
         k = k or self.ksize
-        if self._contacts is None:
-            self._contacts = [n for b in self.buckets for n in b.nodes.values()]
         target = node.long_id
-        closest = sorted(self._contacts, key=lambda n: n.long_id ^ target)[: k + 2]
+        closest = heapq.nsmallest(
+            k + 2, self.contacts(), key=lambda n: n.long_id ^ target
+        )
         home = None if exclude is None else (exclude.ip, exclude.port)
         return [
             n
@@ -192,12 +195,24 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
             if n.long_id != target and (home is None or (n.ip, n.port) != home)
         ][:k]
 
+    def contacts(self) -> list[Node]:
+        """Every node in the table (a cached list, rebuilt after changes)."""
+        if self._contacts is None:
+            self._contacts = [n for b in self.buckets for n in b.nodes.values()]
+        return self._contacts
+
     def get_bucket_for(self, node: Node) -> int:
-        # kademlia 2.2.3 compares with < against the inclusive upper bound.
-        for index, bucket in enumerate(self.buckets):
-            if node.long_id <= bucket.range[1]:
-                return index
-        return len(self.buckets) - 1
+        # kademlia 2.2.3 scans the buckets and compares with < against the
+        # inclusive upper bound; bisect over the upper bounds instead.
+        if self._uppers is None:
+            self._uppers = [bucket.range[1] for bucket in self.buckets]
+        return min(
+            bisect.bisect_left(self._uppers, node.long_id), len(self._uppers) - 1
+        )
+
+    def split_bucket(self, index: int) -> None:
+        super().split_bucket(index)
+        self._uppers = None
 
     def add_contact(self, node: Node) -> None:
         self._contacts = None
@@ -394,9 +409,12 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
     def welcome_if_new(self, node: Node) -> None:
         """Add a node we just heard from; hand it the values it should hold.
 
-        As in kademlia (section 2.5 of the paper), but hashing each stored
-        key once, not twice, and welcoming a node only once even while its
-        bucket is full.
+        As in kademlia (section 2.5 of the paper: a node hands over a value
+        when the newcomer is among the k closest to its key and it is the
+        closest itself), but hashing each key once, not twice; checking the
+        cheap condition first (is any contact closer than this node?) so
+        that a newcomer costs a scan, not a sort, per stored key; and
+        welcoming a node once even while its bucket is full.
         """
         if not self.router.is_new_node(node):
             return
@@ -405,18 +423,21 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             if len(self._welcomed) > 10_000:
                 self._welcomed.popitem(last=False)
             for key, value in self.storage:
-                keynode = Node(key)
-                neighbors = self.router.find_neighbors(keynode)
-                if neighbors:
-                    new_node_close = node.distance_to(keynode) < neighbors[
-                        -1
-                    ].distance_to(keynode)
-                    this_closest = self.source_node.distance_to(keynode) < neighbors[
-                        0
-                    ].distance_to(keynode)
-                if not neighbors or (new_node_close and this_closest):
+                if self._should_hand_over(node, int.from_bytes(key)):
                     self.spawn(self.call_store(node, key, value))
         self.router.add_contact(node)
+
+    def _should_hand_over(self, newcomer: Node, key: int) -> bool:
+        mine = self.source_node.long_id ^ key
+        contacts = self.router.contacts()
+        if any(c.long_id ^ key < mine for c in contacts):
+            return False  # a closer contact hands it over, if anyone does
+        if len(contacts) < self.router.ksize:
+            return True
+        distances: list[int] = heapq.nsmallest(
+            self.router.ksize, (c.long_id ^ key for c in contacts)
+        )
+        return bool(newcomer.long_id ^ key < distances[-1])
 
     # Outgoing calls. Each returns None when the node did not answer or
     # answered garbage, and keeps the routing table up to date.
