@@ -287,7 +287,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         The lookup ends once the `quorum` closest nodes it knows answered.
 
         Raises:
-            RegistryUnavailable: No other node is known.
+            RegistryUnavailable: No other node is known, or none answered.
         """
         if not self.has_neighbors():
             raise RegistryUnavailable("no DHT node is reachable")
@@ -295,6 +295,9 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         nearest = self.protocol.router.find_neighbors(target)
         crawl = _ValueCrawl(self.protocol, target, nearest, self.ksize, quorum)
         answers = await crawl.find()
+        if not answers:
+            # Silence is not absence: without a single answer, nothing is known.
+            raise RegistryUnavailable("no DHT node answered the read")
         close = crawl.closest_ids()
         decoded: dict[bytes, RegistryValue | None] = {}  # replicas mostly agree
         replicas = [

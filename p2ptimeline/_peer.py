@@ -760,6 +760,14 @@ class Peer:
     # Requests from other peers
 
     async def _handle(self, message: Message, remote: tuple[str, int]) -> Message:
+        try:
+            return await self._dispatch(message)
+        except (UnknownUser, NetworkError) as exc:
+            # A name or record the request relies on cannot be checked now.
+            log.info("refused a request from %s: %s", remote, exc)
+            return Refusal(reason=str(exc)[:200])
+
+    async def _dispatch(self, message: Message) -> Message:
         if isinstance(message, PostPush):
             return await self._on_push(message)
         if isinstance(message, GetPosts):
