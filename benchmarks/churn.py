@@ -1,0 +1,247 @@
+"""Churn soak: peers leave, crash and come back while others post and follow.
+
+N peers (default 200) in one process, each with its own SQLite store, run
+for a while (default 180 s). Throughout, online users post at a steady
+rate; now and then a peer logs out and stops, or crashes (its sockets close
+with no goodbye, as when its process is killed), and comes back after a
+random downtime on the same data directory; some users follow or unfollow
+others. Afterwards every peer comes back and syncs once, and the benchmark
+checks, for every user, that it holds every post of every user it follows,
+and that no author lost a post it made.
+
+Reported: delivery % (target 100%), lost posts (target 0), posts and
+actions, memory per peer, CPU use.
+
+Run: python benchmarks/churn.py [--peers 200] [--seconds 180] [--seed 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _common import header
+
+import p2ptimeline as pt
+from p2ptimeline.testing import crash
+
+CONFIG = pt.PeerConfig(seal_cost=10, ksize=8, lease=15.0, pull_interval=10.0)
+
+
+class World:
+    """The peers, who is online, and every post ever made (the truth)."""
+
+    def __init__(
+        self, boot: list[pt.DhtRegistry], root: Path, rng: random.Random
+    ) -> None:
+        self.addresses = [b.address for b in boot]
+        self.root = root
+        self.rng = rng
+        self.peers: dict[str, pt.Peer] = {}
+        self.offline: set[str] = set()
+        self.following: dict[str, set[str]] = collections.defaultdict(set)
+        self.posts: dict[str, list[bytes]] = collections.defaultdict(list)
+        self.actions: collections.Counter[str] = collections.Counter()
+
+    def new_peer(self, name: str) -> pt.Peer:
+        return pt.Peer(
+            "127.0.0.1",
+            0,
+            self.addresses,
+            data_dir=self.root / name,
+            clock=pt.ClockSync(servers=[]),
+            config=CONFIG,
+        )
+
+    async def join(self, name: str, *, register: bool) -> None:
+        peer = self.new_peer(name)
+        await peer.start()
+        if register:
+            await peer.register(name, "pw")
+        else:
+            await peer.login(name, "pw")
+        self.peers[name] = peer
+        self.offline.discard(name)
+
+    def online(self) -> list[str]:
+        return [n for n in self.peers if n not in self.offline]
+
+
+async def churn(world: World, seconds: float, post_rate: float) -> None:
+    """Post, leave, crash, return, follow and unfollow until time is up."""
+    rng = world.rng
+    returning: set[asyncio.Task[None]] = set()
+    deadline = time.monotonic() + seconds
+    tick = 0.25
+
+    async def come_back(name: str, after: float) -> None:
+        await asyncio.sleep(after)
+        try:
+            await world.join(name, register=False)
+            world.actions["returned"] += 1
+        except pt.P2PTimelineError as exc:
+            world.actions["failed return"] += 1
+            logging.warning("%s could not come back: %s", name, exc)
+            returning.add(asyncio.create_task(come_back(name, 5.0)))
+
+    while time.monotonic() < deadline:
+        await asyncio.sleep(tick)
+        online = world.online()
+        if not online:
+            continue
+        if rng.random() < post_rate * tick:
+            author = rng.choice(online)
+            try:
+                post = await world.peers[author].post(
+                    f"post by {author} at {time.time():.1f}"
+                )
+                world.posts[author].append(post.id)
+                world.actions["post"] += 1
+            except pt.P2PTimelineError as exc:
+                world.actions["failed post"] += 1
+                logging.warning("post failed: %s", exc)
+        roll = rng.random()
+        if roll < 0.02 and len(online) > len(world.peers) // 2:
+            name = rng.choice(online)
+            world.offline.add(name)
+            peer = world.peers[name]
+            if rng.random() < 0.5:
+                await peer.stop()
+                world.actions["left"] += 1
+            else:
+                await crash(peer)
+                world.actions["crashed"] += 1
+            task = asyncio.create_task(come_back(name, rng.uniform(3.0, 20.0)))
+            returning.add(task)
+            task.add_done_callback(returning.discard)
+        elif roll < 0.04:
+            name, other = rng.sample(online, 2)
+            peer = world.peers[name]
+            try:
+                if other in world.following[name]:
+                    await peer.unfollow(other)
+                    world.following[name].discard(other)
+                    world.actions["unfollow"] += 1
+                else:
+                    await peer.follow(other)
+                    world.following[name].add(other)
+                    world.actions["follow"] += 1
+            except pt.P2PTimelineError as exc:
+                world.actions["failed (un)follow"] += 1
+                logging.warning("(un)follow failed: %s", exc)
+    if returning:
+        await asyncio.gather(*returning, return_exceptions=True)
+
+
+async def bounded(jobs: list, limit: int = 16) -> list:  # type: ignore[type-arg]
+    slots = asyncio.Semaphore(limit)
+
+    async def run(job):  # type: ignore[no-untyped-def]
+        async with slots:
+            return await job
+
+    return await asyncio.gather(*(run(j) for j in jobs))
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--peers", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=180.0)
+    parser.add_argument("--follows", type=int, default=8, help="follows per user")
+    parser.add_argument("--post-rate", type=float, default=2.0, help="posts/s")
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s"
+    )
+    header("Churn soak")
+    rng = random.Random(args.seed)
+    cpu0 = time.process_time()
+    started = time.monotonic()
+    boot: list[pt.DhtRegistry] = []
+    for _ in range(3):
+        node = pt.DhtRegistry(ksize=8)
+        await node.start("127.0.0.1", 0, bootstrap=[b.address for b in boot])
+        boot.append(node)
+    with tempfile.TemporaryDirectory() as tmp:
+        world = World(boot, Path(tmp), rng)
+        names = [f"user{i}" for i in range(args.peers)]
+        await bounded([world.join(n, register=True) for n in names])
+        for name in names:
+            for other in rng.sample([n for n in names if n != name], args.follows):
+                world.following[name].add(other)
+
+        async def follow_all(name: str) -> None:
+            for other in sorted(world.following[name]):
+                await world.peers[name].follow(other)
+
+        await bounded([follow_all(n) for n in names])
+        setup = time.monotonic() - started
+        print(
+            f"setup: {args.peers} peers, {args.peers * args.follows} follows in "
+            f"{setup:.0f} s; churn for {args.seconds:.0f} s at {args.post_rate} posts/s"
+        )
+
+        await churn(world, args.seconds, args.post_rate)
+
+        # Everyone comes back and catches up once.
+        for name in sorted(world.offline):
+            await world.join(name, register=False)
+        await bounded([world.peers[n].sync() for n in names])
+        expected = delivered = lost = 0
+        missing: collections.Counter[str] = collections.Counter()
+        for name in names:
+            peer = world.peers[name]
+            held = {p.id for p in await peer.timeline(limit=1_000_000)}
+            own = set(world.posts[name])
+            lost += len(own - held)
+            for followee in world.following[name]:
+                for post_id in world.posts[followee]:
+                    expected += 1
+                    if post_id in held:
+                        delivered += 1
+                    else:
+                        missing[followee] += 1
+        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        cpu = time.process_time() - cpu0
+        wall = time.monotonic() - started
+        print()
+        print("| figure | value |")
+        print("|---|---|")
+        print(f"| peers | {args.peers} |")
+        print(f"| churn duration | {args.seconds:.0f} s |")
+        for action, count in sorted(world.actions.items()):
+            print(f"| {action} | {count} |")
+        print(f"| posts expected at followers | {expected} |")
+        share = 100 * delivered / expected if expected else 100.0
+        print(
+            f"| delivery after the final sync | {share:.2f}% ({delivered}/{expected}) |"
+        )
+        print(f"| lost posts (not held by their author) | {lost} |")
+        print(
+            f"| peak RSS | {rss_mb:.0f} MiB ({rss_mb / args.peers:.2f} MiB per peer) |"
+        )
+        load = 100 * cpu / wall
+        print(f"| CPU | {cpu:.0f} s over {wall:.0f} s wall ({load:.0f}% of a core) |")
+        print()
+        verdict = "met" if share == 100.0 and lost == 0 else "NOT met"
+        print(f"targets (100% delivery, 0 lost posts): {verdict}")
+        if missing:
+            print("missing by followee:", dict(missing.most_common(10)))
+        await bounded([p.stop() for p in world.peers.values()])
+    for node in boot:
+        await node.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
