@@ -208,6 +208,8 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         self.storage = storage  # not via __init__: it tests `storage or ...`
         self.serializer = serializer
         self.rpc_timeout = rpc_timeout
+        self.bootstrap_addresses: list[tuple[str, int]] = []
+        """Where to (re)join the network when no other node is known."""
         # key -> (when, closest nodes): writes to one key in a burst (a big
         # follow set filling up) share one lookup.
         self._lookups: collections.OrderedDict[bytes, tuple[float, list[Node]]] = (
@@ -277,6 +279,17 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         heads = [b.head() for b in self.protocol.router.buckets if len(b)]
         await asyncio.gather(*(self.protocol.call_ping(node) for node in heads))
 
+    async def ensure_joined(self) -> None:
+        """Join through the bootstrap nodes if no other node is known.
+
+        Raises:
+            RegistryUnavailable: No other node is known, even after trying.
+        """
+        if not self.has_neighbors() and self.bootstrap_addresses:
+            await self.bootstrap(self.bootstrap_addresses)
+        if not self.has_neighbors():
+            raise RegistryUnavailable("no DHT node is reachable")
+
     def has_neighbors(self) -> bool:
         """Whether the routing table holds any node."""
         return any(len(bucket) for bucket in self.protocol.router.buckets)
@@ -289,8 +302,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         Raises:
             RegistryUnavailable: No other node is known, or none answered.
         """
-        if not self.has_neighbors():
-            raise RegistryUnavailable("no DHT node is reachable")
+        await self.ensure_joined()
         target = Node(key)
         nearest = self.protocol.router.find_neighbors(target)
         crawl = _ValueCrawl(self.protocol, target, nearest, self.ksize, quorum)
@@ -346,8 +358,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         Raises:
             RegistryUnavailable: No other node is known, or none answered.
         """
-        if not self.has_neighbors():
-            raise RegistryUnavailable("no DHT node is reachable")
+        await self.ensure_joined()
         raw = self.serializer.encode(value)
         replies = await self._store_everywhere(key, raw, patient=patient)
         if not any(reply for node, reply in replies if node is not None):

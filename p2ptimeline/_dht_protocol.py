@@ -51,8 +51,8 @@ __all__ = ["MAX_DATAGRAM", "RecordStorage", "RegistryProtocol", "StoreReply"]
 
 log = logging.getLogger("p2ptimeline.dht")
 
-UNREACHABLE_FOR = 30.0
-"""Seconds a node that did not answer is treated as gone."""
+UNREACHABLE_FOR = 15.0
+"""Seconds a node that did not answer (twice) is treated as gone."""
 MAX_DATAGRAM = 8192 + 64
 """Largest datagram read; rpcudp itself refuses to send requests over 8 KB."""
 _REQUEST, _RESPONSE = b"\x00", b"\x01"
@@ -447,31 +447,45 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
     ) -> Any:
         """Call `name` on `address`; returns ``(answered, result)``.
 
-        A node that failed to answer in the last `UNREACHABLE_FOR` seconds is
-        not asked again (the call fails at once) unless `force` is set.
+        UDP loses datagrams: a request not answered within half the RPC
+        timeout is sent once more, so one lost datagram does not fail the
+        call. A node whose last call failed that way is not asked again for
+        `UNREACHABLE_FOR` seconds (the call fails at once), unless `force` is
+        set or every contact is in that state.
         """
         if self.transport is None:
             return (False, None)
         if not force and self._recently_unreachable(address):
             return (False, None)
-        msg_id = os.urandom(_ID_SIZE)
         payload = _pack([name, list(args)])
         if len(payload) > 8192:
             raise ValueError(f"{name} request of {len(payload)} bytes is too large")
+        result: tuple[bool, Any] = (False, None)
+        for _ in range(2):
+            result = await self._send(address, payload, self._wait_timeout / 2)
+            if result[0] or self.transport is None:
+                break
+        if result[0]:
+            self._unreachable.pop(address, None)
+        else:
+            self._unreachable[address] = time.monotonic()
+            if len(self._unreachable) > 10_000:
+                self._unreachable.pop(next(iter(self._unreachable)))
+        return result
+
+    async def _send(
+        self, address: tuple[str, int], payload: bytes, wait: float
+    ) -> tuple[bool, Any]:
+        """Send one request datagram; its answer, or (False, None) after `wait`."""
+        assert self.transport is not None
+        msg_id = os.urandom(_ID_SIZE)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-        timeout = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        timeout = loop.call_later(wait, self._timeout, msg_id)
         self._outstanding[msg_id] = (future, timeout)
         self.transport.sendto(_REQUEST + msg_id + payload, address)
         try:
-            result = await future
-            if result[0]:
-                self._unreachable.pop(address, None)
-            else:
-                self._unreachable[address] = time.monotonic()
-                if len(self._unreachable) > 10_000:
-                    self._unreachable.pop(next(iter(self._unreachable)))
-            return result
+            return await future
         finally:
             if not future.done():  # cancelled while waiting
                 timeout.cancel()
@@ -481,10 +495,14 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         failed = self._unreachable.get(address)
         if failed is None:
             return False
-        if time.monotonic() - failed < UNREACHABLE_FOR:
-            return True
-        del self._unreachable[address]
-        return False
+        if time.monotonic() - failed >= UNREACHABLE_FOR:
+            del self._unreachable[address]
+            return False
+        # Never cut this node off from everyone: if no contact is left that
+        # is not in this state, ask anyway.
+        return any(
+            (n.ip, n.port) not in self._unreachable for n in self.router.contacts()
+        )
 
     async def _call_node(self, node: Node, name: str, *args: Any) -> Any:
         result = await self.call((node.ip, node.port), name, self.source_node.id, *args)

@@ -623,6 +623,8 @@ class Peer:
             log.info("could not pull %s's posts: %s", author, exc)
             return 0
         new = answered = 0
+        if not sources:
+            log.warning("no online source of %s's posts to catch up from", author)
         for address in sources:
             try:
                 posts = await self._fetch(address, author, key, since)

@@ -154,7 +154,7 @@ class DhtRegistry:
             raise RegistryUnavailable(f"cannot listen on {host}:{port}: {exc}") from exc
         self._node = node
         self._sets = FollowSets(node, self._capacity)
-        self._bootstrap = list(bootstrap)
+        self._bootstrap = node.bootstrap_addresses = list(bootstrap)
         if self._bootstrap:
             await node.bootstrap(self._bootstrap)
             if not node.has_neighbors():
