@@ -56,6 +56,7 @@ commands:
   following [NAME]    whom NAME follows (default: you)
   suggest [N]         up to N users to follow: friends of friends (10)
   notifications       who followed or unfollowed you
+  sync                fetch now the posts missed from whom you follow
   help                this text
   quit                log out and leave (also Ctrl-D)"""
 
@@ -556,6 +557,7 @@ class Shell:
             "following": self.following,
             "suggest": self.suggest,
             "notifications": self.notifications,
+            "sync": self.sync,
             "help": self.help,
             "quit": self.stop,
             "exit": self.stop,
@@ -701,6 +703,11 @@ class Shell:
             self.console.out(f"[{clock(note.timestamp)}] {note.user} {verb} you")
         if not news:
             self.console.out("(no notifications)")
+
+    async def sync(self, args: list[str], line: str) -> None:
+        _arguments(args, 0, 0, "sync")
+        new = await self.peer.sync()
+        self.console.out(f"{new} new post{'' if new == 1 else 's'}")
 
     async def help(self, args: list[str], line: str) -> None:
         self.console.out(HELP)
