@@ -56,7 +56,8 @@ log = logging.getLogger("p2ptimeline.peer")
 T = TypeVar("T")
 X = TypeVar("X")
 
-_PAGE = 500  # posts per GetPosts reply
+_PAGE = 500  # posts per GetPosts reply, at most
+_FRAME_ENVELOPE = 1024  # bytes of a PostBatch frame besides its posts, at most
 _MAX_CATCH_UP = 100_000  # posts pulled of one author at most, per sync
 _PULL_SOURCES = 8  # followers tried as sources of an offline author's posts
 _PULL_MERGE = 3  # followers whose answers are merged when the author is offline
@@ -804,12 +805,18 @@ class Peer:
         )
 
     async def _on_get(self, request: GetPosts) -> Message:
+        limit = min(request.limit, _PAGE)
         posts = await self._store.posts_by(
-            request.author, since=request.since, limit=min(request.limit, _PAGE)
+            request.author, since=request.since, limit=limit
         )
-        return PostBatch(
-            posts=tuple(posts), more=len(posts) == min(request.limit, _PAGE)
-        )
+        # As many of them as fit in one frame (long texts in wide characters
+        # do not fit by the hundred); the asker comes back for the rest.
+        room = self.config.limits.max_frame_size - _FRAME_ENVELOPE
+        for count, post in enumerate(posts):
+            room -= len(self._serializer.encode(post))
+            if room < 0:
+                return PostBatch(posts=tuple(posts[:count]), more=True)
+        return PostBatch(posts=tuple(posts), more=len(posts) == limit)
 
     async def _on_follow_notice(self, notice: FollowNotice) -> Message:
         session = self._session

@@ -129,6 +129,18 @@ async def test_offline_follower_catches_up_at_login(peers: PeerFactory) -> None:
     assert [p.id for p in await away.timeline()] == [p.id for p in reversed(posts)]
 
 
+async def test_catch_up_pages_fit_in_a_frame(peers: PeerFactory) -> None:
+    """Hundreds of posts at the longest text in the widest characters are
+    served in pages that fit the frame limit: a pull gets every one."""
+    star, fan = await star_and_fans(peers, 1)
+    await fan.logout()
+    text = "\N{GRINNING FACE}" * pt.MAX_POST_CHARS  # 4 bytes a character
+    posts = [await star.post(text) for _ in range(600)]
+    await fan.login("fan0", "pw")
+    held = {p.id for p in await fan.timeline(limit=1000)}
+    assert held == {p.id for p in posts}
+
+
 async def test_posts_of_an_offline_author_come_from_another_follower(
     peers: PeerFactory,
 ) -> None:
