@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -33,3 +37,16 @@ def header(title: str) -> None:
         f"python {platform.python_version()} on {platform.machine()}, "
         f"{platform.system()} {platform.release()}; {time.strftime('%Y-%m-%d %H:%M')}"
     )
+
+
+async def bounded(
+    job: Callable[[T], Awaitable[object]], items: Iterable[T], limit: int
+) -> None:
+    """`job(item)` for every item, at most `limit` at a time."""
+    slots = asyncio.Semaphore(limit)
+
+    async def run(item: T) -> None:
+        async with slots:
+            await job(item)
+
+    await asyncio.gather(*(run(item) for item in items))

@@ -28,9 +28,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import attrs
+
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import header
+from _common import bounded, header
 
 import p2ptimeline as pt
 from p2ptimeline.testing import crash
@@ -143,14 +145,38 @@ async def churn(world: World, seconds: float, post_rate: float) -> None:
         await asyncio.gather(*returning, return_exceptions=True)
 
 
-async def bounded(jobs: list, limit: int = 16) -> list:  # type: ignore[type-arg]
-    slots = asyncio.Semaphore(limit)
+@attrs.frozen
+class Tally:
+    """What a set of users hold of the posts they should."""
 
-    async def run(job):  # type: ignore[no-untyped-def]
-        async with slots:
-            return await job
+    expected: int
+    delivered: int
+    lost: int
+    """Posts their authors made but no longer hold."""
+    missing: collections.Counter[str]
+    """Posts not held, by author."""
 
-    return await asyncio.gather(*(run(j) for j in jobs))
+    def share(self) -> str:
+        share = 100 * self.delivered / self.expected if self.expected else 100.0
+        return f"{share:.2f}% ({self.delivered}/{self.expected})"
+
+
+async def tally(world: World, names: list[str]) -> Tally:
+    """Count, for `names`, the posts of their followees they hold, and their
+    own posts they lost."""
+    expected = delivered = lost = 0
+    missing: collections.Counter[str] = collections.Counter()
+    for name in names:
+        held = {p.id for p in await world.peers[name].timeline(limit=1_000_000)}
+        lost += len(set(world.posts[name]) - held)
+        for followee in world.following[name]:
+            for post_id in world.posts[followee]:
+                expected += 1
+                if post_id in held:
+                    delivered += 1
+                else:
+                    missing[followee] += 1
+    return Tally(expected, delivered, lost, missing)
 
 
 async def main() -> None:
@@ -176,7 +202,7 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         world = World(boot, Path(tmp), rng)
         names = [f"user{i}" for i in range(args.peers)]
-        await bounded([world.join(n, register=True) for n in names])
+        await bounded(lambda n: world.join(n, register=True), names, 16)
         for name in names:
             for other in rng.sample([n for n in names if n != name], args.follows):
                 world.following[name].add(other)
@@ -185,7 +211,7 @@ async def main() -> None:
             for other in sorted(world.following[name]):
                 await world.peers[name].follow(other)
 
-        await bounded([follow_all(n) for n in names])
+        await bounded(follow_all, names, 16)
         setup = time.monotonic() - started
         print(
             f"setup: {args.peers} peers, {args.peers * args.follows} follows in "
@@ -194,24 +220,23 @@ async def main() -> None:
 
         await churn(world, args.seconds, args.post_rate)
 
+        # Those online hold what was pushed to them or pulled at login and
+        # periodically; give the last pushes and pulls 30 s to land.
+        mark = time.monotonic()
+        online = world.online()
+        live = await tally(world, online)
+        while live.delivered < live.expected and time.monotonic() - mark < 30:
+            await asyncio.sleep(1.0)  # pulls run every 10 s: poll
+            live = await tally(world, online)
+        settle = time.monotonic() - mark
+
         # Everyone comes back and catches up once.
         for name in sorted(world.offline):
             await world.join(name, register=False)
-        await bounded([world.peers[n].sync() for n in names])
-        expected = delivered = lost = 0
-        missing: collections.Counter[str] = collections.Counter()
-        for name in names:
-            peer = world.peers[name]
-            held = {p.id for p in await peer.timeline(limit=1_000_000)}
-            own = set(world.posts[name])
-            lost += len(own - held)
-            for followee in world.following[name]:
-                for post_id in world.posts[followee]:
-                    expected += 1
-                    if post_id in held:
-                        delivered += 1
-                    else:
-                        missing[followee] += 1
+        await bounded(lambda n: world.peers[n].sync(), names, 16)
+        final = await tally(world, names)
+        expected, delivered, lost = final.expected, final.delivered, final.lost
+        missing = final.missing
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cpu = time.process_time() - cpu0
         wall = time.monotonic() - started
@@ -222,11 +247,13 @@ async def main() -> None:
         print(f"| churn duration | {args.seconds:.0f} s |")
         for action, count in sorted(world.actions.items()):
             print(f"| {action} | {count} |")
+        print(
+            f"| delivery at the {len(online)} peers online when churn ended, "
+            f"{settle:.0f} s later, before any sync | {live.share()} |"
+        )
         print(f"| posts expected at followers | {expected} |")
         share = 100 * delivered / expected if expected else 100.0
-        print(
-            f"| delivery after the final sync | {share:.2f}% ({delivered}/{expected}) |"
-        )
+        print(f"| delivery after the final sync | {final.share()} |")
         print(f"| lost posts (not held by their author) | {lost} |")
         print(
             f"| peak RSS | {rss_mb:.0f} MiB ({rss_mb / args.peers:.2f} MiB per peer) |"
@@ -238,7 +265,7 @@ async def main() -> None:
         print(f"targets (100% delivery, 0 lost posts): {verdict}")
         if missing:
             print("missing by followee:", dict(missing.most_common(10)))
-        await bounded([p.stop() for p in world.peers.values()])
+        await bounded(lambda p: p.stop(), list(world.peers.values()), 16)
     for node in boot:
         await node.stop()
 

@@ -74,7 +74,7 @@ from kademlia.node import Node
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import header, percentile
+from _common import bounded, header, percentile
 
 import p2ptimeline as pt
 from p2ptimeline._dht_node import _NodeCrawl
@@ -84,19 +84,6 @@ from p2ptimeline.testing import crash
 HOST = "127.0.0.1"
 SETUP_CONCURRENCY = 32
 T = TypeVar("T")
-
-
-async def bounded(
-    job: Callable[[T], Awaitable[object]], items: Iterable[T], limit: int
-) -> None:
-    """`job(item)` for every item, at most `limit` at a time."""
-    slots = asyncio.Semaphore(limit)
-
-    async def run(item: T) -> None:
-        async with slots:
-            await job(item)
-
-    await asyncio.gather(*(run(item) for item in items))
 
 
 async def with_retries(

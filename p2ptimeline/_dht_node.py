@@ -75,15 +75,21 @@ async def settle(
     One dead node must not hold up a whole lookup or write until its call
     times out. So once most calls finished, the others get a short grace (an
     eighth of the RPC timeout), and no call is waited for longer than half
-    the RPC timeout. Calls still running then go on in the background, owned
-    by `protocol`, and still update its routing table when they end (a
-    node whose call times out is then skipped for a while).
+    the RPC timeout, unless none has finished by then: the first answer is
+    waited for as long as a call lasts (a call sends its request again
+    halfway). Calls still running then go on in the background, owned by
+    `protocol`, and still update its routing table when they end (a node
+    whose call times out is then skipped for a while).
     """
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + protocol.wait_timeout / 2
+    started = loop.time()
+    deadline = started + protocol.wait_timeout / 2
     pending = set(calls)
     while pending and len(calls) - len(pending) <= len(calls) // 2:
         left = deadline - loop.time()
+        if left <= 0 and len(pending) == len(calls):
+            deadline = started + protocol.wait_timeout
+            left = deadline - loop.time()
         if left <= 0:
             break
         _, pending = await asyncio.wait(
