@@ -7,6 +7,7 @@ import collections
 import contextlib
 import heapq
 import logging
+import random
 import socket
 import time
 from collections.abc import Iterable
@@ -16,6 +17,7 @@ import attrs
 from kademlia.crawling import NodeSpiderCrawl
 from kademlia.network import Server
 from kademlia.node import Node, NodeHeap
+from kademlia.routing import KBucket
 
 from ._dht_protocol import RecordStorage, RegistryProtocol, StoreReply, decode_value
 from ._errors import DecodeError, InvalidRecord, RegistryUnavailable
@@ -68,24 +70,27 @@ class _NodeHeap(NodeHeap):  # type: ignore[misc]  # untyped base class
 
 
 async def settle(
-    calls: list[asyncio.Task[T]], protocol: RegistryProtocol
+    calls: list[asyncio.Task[T]], protocol: RegistryProtocol, first: int = 0
 ) -> list[T | None]:
     """The results of the calls that finish in time (None for the others).
 
     One dead node must not hold up a whole lookup or write until its call
-    times out. So once most calls finished, the others get a short grace (an
-    eighth of the RPC timeout), and no call is waited for longer than half
-    the RPC timeout, unless none has finished by then: the first answer is
-    waited for as long as a call lasts (a call sends its request again
-    halfway). Calls still running then go on in the background, owned by
-    `protocol`, and still update its routing table when they end (a node
-    whose call times out is then skipped for a while).
+    times out. So once most calls finished, and the `first` calls too, the
+    others get a short grace (an eighth of the RPC timeout), and no call is
+    waited for longer than half the RPC timeout, unless none has finished by
+    then: the first answer is waited for as long as a call lasts (a call
+    sends its request again halfway). Calls still running then go on in the
+    background, owned by `protocol`, and still update its routing table when
+    they end (a node whose call times out is then skipped for a while).
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + protocol.wait_timeout / 2
     pending = set(calls)
-    while pending and len(calls) - len(pending) <= len(calls) // 2:
+    needed = set(calls[:first])
+    while pending and (
+        len(calls) - len(pending) <= len(calls) // 2 or not needed.isdisjoint(pending)
+    ):
         left = deadline - loop.time()
         if left <= 0 and len(pending) == len(calls):
             deadline = started + protocol.wait_timeout
@@ -190,6 +195,11 @@ class _ValueCrawl(_NodeCrawl):
         return {node.id for node in self.nearest}
 
 
+def _random_id(bucket: KBucket) -> bytes:
+    """A random node id in `bucket`'s range."""
+    return random.randint(*bucket.range).to_bytes(20, "big")
+
+
 class DhtNode(Server):  # type: ignore[misc]  # untyped base class
     """kademlia's `Server` with the registry's protocol and storage.
 
@@ -209,8 +219,11 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         serializer: Serializer,
         storage: RecordStorage,
         rpc_timeout: float,
+        read_quorum: int,
     ) -> None:
         super().__init__(ksize=ksize, alpha=alpha)
+        self.read_quorum = read_quorum
+        """How many of the closest nodes a read asks: a write waits for them."""
         self.storage = storage  # not via __init__: it tests `storage or ...`
         self.serializer = serializer
         self.rpc_timeout = rpc_timeout
@@ -247,11 +260,21 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         pass
 
     async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
-        # As kademlia's, but with our crawl, which does not wait out dead nodes.
+        # As kademlia's, but with our crawl, which does not wait out dead
+        # nodes, and ending as the paper's join does (section 2.3), which
+        # kademlia 2.2.3 skips: a lookup in every bucket farther than the
+        # closest neighbour. Without it, a newcomer meets only the nodes near
+        # its own id, and nodes that joined before it may never learn of it:
+        # a lookup from their side of the id space then ends among nodes
+        # that know no one closer, and misses the replicas of a value.
         gathered = await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
         nodes = [node for node in gathered if node is not None]
         crawl = _NodeCrawl(self.protocol, self.node, nodes, self.ksize, self.alpha)
         found: list[Node] = await crawl.find()
+        buckets = self.protocol.router.buckets
+        await self._look_up(
+            _random_id(b) for b in buckets if not b.has_in_range(self.node)
+        )
         return found
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
@@ -262,27 +285,32 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
             return Node(node_id, addr[0], addr[1])
         return None
 
+    async def _look_up(self, ids: Iterable[bytes]) -> None:
+        """Node lookups of `ids`, all at once: meets the nodes near each."""
+        crawls = []
+        for node_id in ids:
+            target = Node(node_id)
+            nearest = self.protocol.router.find_neighbors(target, self.alpha)
+            crawl = _NodeCrawl(self.protocol, target, nearest, self.ksize, self.alpha)
+            crawls.append(crawl.find())
+        await asyncio.gather(*crawls)
+
     async def _refresh_table(self) -> None:
-        results = []
-        for node_id in self.protocol.get_refresh_ids():
-            node = Node(node_id)
-            nearest = self.protocol.router.find_neighbors(node, self.alpha)
-            spider = _NodeCrawl(self.protocol, node, nearest, self.ksize, self.alpha)
-            results.append(spider.find())
-        await asyncio.gather(*results)
+        await self._look_up(self.protocol.get_refresh_ids())
         # Republish what has not been written for an hour (paper, section 2.5).
         for key, raw in self.storage.iter_older_than(3600):
             if self.has_neighbors():
                 await self._store_everywhere(key, raw)
 
-    async def check_contacts(self) -> None:
-        """Ping the least recently seen contact of every bucket.
+    async def check_contacts(self, silence: float) -> None:
+        """Ping the least recently seen contact of every bucket, if it has
+        not been heard from for `silence` seconds.
 
         Contacts that do not answer are dropped (kademlia removes a node only
         when a call of this node to it fails, and a bootstrap node rarely
         calls anyone), so nodes that left stop being handed to newcomers.
         """
-        heads = [b.head() for b in self.protocol.router.buckets if len(b)]
+        heads = self.protocol.router.silent_heads(silence)
         await asyncio.gather(*(self.protocol.call_ping(node) for node in heads))
 
     async def ensure_joined(self) -> None:
@@ -386,7 +414,8 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         if patient:
             answers = list(await asyncio.gather(*calls))
         else:
-            settled = await settle(calls, self.protocol)
+            # The closest nodes first (a read asks those): wait for them.
+            settled = await settle(calls, self.protocol, first=self.read_quorum)
             answers = settled
         replies.extend(zip(nodes, answers, strict=True))
         if None in answers:  # someone left: look again next time

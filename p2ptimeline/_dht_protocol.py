@@ -177,6 +177,30 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         super().flush()
         self._contacts: list[Node] | None = None  # all contacts, rebuilt on change
         self._uppers: list[int] | None = None  # bucket upper bounds, for bisect
+        self._heard: dict[bytes, float] = {}  # node id -> when it last answered
+
+    def heard_from(self, node: Node) -> None:
+        """Note that `node` answered or asked something just now.
+
+        kademlia 2.2.3 leaves a known contact where it is in its bucket, so
+        that a bucket's head is the oldest contact rather than the least
+        recently seen; a known contact moves to the tail here.
+        """
+        self._heard[node.id] = time.monotonic()
+        bucket = self.buckets[self.get_bucket_for(node)]
+        if node.id in bucket.nodes:
+            bucket.nodes.move_to_end(node.id)
+
+    def silent_heads(self, silence: float) -> list[Node]:
+        """The least recently seen contact of each bucket, where it has not
+        been heard from for `silence` seconds."""
+        contacts = self.contacts()
+        if len(self._heard) > 2 * len(contacts) + 1024:  # forget old contacts
+            known = {n.id for n in contacts}
+            self._heard = {i: t for i, t in self._heard.items() if i in known}
+        since = time.monotonic() - silence
+        heads = (b.head() for b in self.buckets if len(b))
+        return [n for n in heads if self._heard.get(n.id, 0.0) < since]
 
     def find_neighbors(
         self, node: Node, k: int | None = None, exclude: Node | None = None
@@ -416,6 +440,7 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         that a newcomer costs a scan, not a sort, per stored key; and
         welcoming a node once even while its bucket is full.
         """
+        self.router.heard_from(node)
         if not self.router.is_new_node(node):
             return
         if node.id not in self._welcomed:

@@ -41,6 +41,7 @@ log = logging.getLogger("p2ptimeline.registry")
 _MAX_CONCURRENT_CLAIM_READS = 32
 _REBOOTSTRAP_INTERVAL = 1.0
 _CONTACT_CHECK_INTERVAL = 10.0
+_CONTACT_SILENCE = 30.0  # seconds without a word before a contact is pinged
 _CLAIM_CACHE_SIZE = 100_000
 
 
@@ -147,6 +148,7 @@ class DhtRegistry:
             serializer=self._serializer,
             storage=RecordStorage(self._serializer, self._capacity),
             rpc_timeout=self.rpc_timeout,
+            read_quorum=self.read_quorum,
         )
         try:
             await node.listen(port, interface=host)
@@ -541,7 +543,7 @@ class DhtRegistry:
                     await node.bootstrap(self._bootstrap)
                 if time.monotonic() - last_check > _CONTACT_CHECK_INTERVAL:
                     last_check = time.monotonic()
-                    await node.check_contacts()
+                    await node.check_contacts(_CONTACT_SILENCE)
                 if time.monotonic() - last_refresh > 3600:
                     last_refresh = time.monotonic()
                     await node._refresh_table()
