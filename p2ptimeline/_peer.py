@@ -7,6 +7,7 @@ import collections
 import contextlib
 import logging
 import os
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Literal, Self, TypeVar
@@ -619,54 +620,61 @@ class Peer:
         since = HybridTimestamp.unpack(int.from_bytes(mark)) if mark else None
         try:
             key = await self._public_key(author)
-            sources, author_address = await self._sources(author, key)
+            presence = await self.registry.get_presence(key)
         except (NetworkError, RemoteError, UnknownUser) as exc:
             log.info("could not pull %s's posts: %s", author, exc)
             return 0
-        new = answered = 0
-        if not sources:
+        if presence is not None and presence.is_online(self._clock.now_ms()):
+            try:
+                posts = await self._fetch(presence.address, author, key, since)
+            except (NetworkError, RemoteError) as exc:
+                log.info("could not pull %s's posts from them: %s", author, exc)
+            else:
+                if posts:
+                    mark = posts[-1].timestamp.packed().to_bytes(8)
+                    await self._store.put_state(mark_key, mark)
+                return len(await self._accept(posts))
+        try:
+            holders = await self._holders(author)
+        except (NetworkError, RemoteError) as exc:
+            log.info("could not find holders of %s's posts: %s", author, exc)
+            return 0
+        if not holders:
             log.warning("no online source of %s's posts to catch up from", author)
-        for address in sources:
+        new = answered = 0
+        for address in holders:
             try:
                 posts = await self._fetch(address, author, key, since)
             except (NetworkError, RemoteError) as exc:
                 log.info("could not pull %s's posts from %s: %s", author, address, exc)
                 continue
             new += len(await self._accept(posts))
-            if address == author_address:
-                if posts:
-                    mark = posts[-1].timestamp.packed().to_bytes(8)
-                    await self._store.put_state(mark_key, mark)
-                break
             answered += 1
             if answered >= _PULL_MERGE:
                 break
         return new
 
-    async def _sources(
-        self, author: str, key: bytes
-    ) -> tuple[list[tuple[str, int]], tuple[str, int] | None]:
-        """Where to pull `author`'s posts from: the author, then its followers;
-        and the author's address if it is online."""
-        sources = []
-        presence = await self.registry.get_presence(key)
-        now = self._clock.now_ms()
-        online = presence is not None and presence.is_online(now)
-        if presence is not None and online:
-            sources.append(presence.address)
+    async def _holders(self, author: str) -> list[tuple[str, int]]:
+        """Addresses of up to `_PULL_SOURCES` online followers of `author`
+        (other than this peer's user), picked at random to spread the load."""
         entries = await self.registry.get_follow_entries(author, "followers")
         me = self.username
-        others = [e for e in entries if e.following and e.follower != me][:64]
-        presences = await _bounded(
-            lambda e: self.registry.get_presence(e.follower_key), others
-        )
-        for record in presences:
-            if record is not None and record.is_online(now):
-                sources.append(record.address)
-            if len(sources) > _PULL_SOURCES:
+        keys = [e.follower_key for e in entries if e.following and e.follower != me]
+        keys = random.sample(keys, min(len(keys), 64))
+        found: list[tuple[str, int]] = []
+        for start in range(0, len(keys), _PULL_SOURCES):
+            batch = keys[start : start + _PULL_SOURCES]
+            now = self._clock.now_ms()
+            found += [
+                record.address
+                for record in await _bounded(self.registry.get_presence, batch)
+                if record is not None
+                and record.is_online(now)
+                and record.address != self.address
+            ]
+            if len(found) >= _PULL_SOURCES:
                 break
-        author_address = presence.address if presence and online else None
-        return [s for s in sources if s != self.address], author_address
+        return found[:_PULL_SOURCES]
 
     async def _fetch(
         self,
