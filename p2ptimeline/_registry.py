@@ -40,8 +40,8 @@ log = logging.getLogger("p2ptimeline.registry")
 
 _MAX_CONCURRENT_CLAIM_READS = 32
 _REBOOTSTRAP_INTERVAL = 1.0
-_CONTACT_CHECK_INTERVAL = 10.0
-_CONTACT_SILENCE = 30.0  # seconds without a word before a contact is pinged
+_CONTACT_CHECK_INTERVAL = 30.0
+_CONTACT_SILENCE = 60.0  # seconds without a word before a contact is pinged
 _CLAIM_CACHE_SIZE = 100_000
 
 
