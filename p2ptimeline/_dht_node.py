@@ -220,8 +220,9 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         storage: RecordStorage,
         rpc_timeout: float,
         read_quorum: int,
+        node_id: bytes | None = None,
     ) -> None:
-        super().__init__(ksize=ksize, alpha=alpha)
+        super().__init__(ksize=ksize, alpha=alpha, node_id=node_id)
         self.read_quorum = read_quorum
         """How many of the closest nodes a read asks: a write waits for them."""
         self.storage = storage  # not via __init__: it tests `storage or ...`

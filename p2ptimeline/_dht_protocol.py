@@ -184,12 +184,18 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
 
         kademlia 2.2.3 leaves a known contact where it is in its bucket, so
         that a bucket's head is the oldest contact rather than the least
-        recently seen; a known contact moves to the tail here.
+        recently seen; a known contact moves to the tail here, with its new
+        address if it came back on another one.
         """
         self._heard[node.id] = time.monotonic()
         bucket = self.buckets[self.get_bucket_for(node)]
-        if node.id in bucket.nodes:
-            bucket.nodes.move_to_end(node.id)
+        known = bucket.nodes.get(node.id)
+        if known is None:
+            return
+        if (known.ip, known.port) != (node.ip, node.port):
+            bucket.nodes[node.id] = node
+            self._contacts = None
+        bucket.nodes.move_to_end(node.id)
 
     def silent_heads(self, silence: float) -> list[Node]:
         """The least recently seen contact of each bucket, where it has not

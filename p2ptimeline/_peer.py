@@ -60,6 +60,7 @@ X = TypeVar("X")
 _PAGE = 500  # posts per GetPosts reply, at most
 _FRAME_ENVELOPE = 1024  # bytes of a PostBatch frame besides its posts, at most
 _MAX_CATCH_UP = 100_000  # posts pulled of one author at most, per sync
+_NODE_ID_STATE = "dht/node-id"  # the DHT node id, kept across restarts
 _PULL_SOURCES = 8  # followers tried as sources of an offline author's posts
 _PULL_MERGE = 3  # followers whose answers are merged when the author is offline
 _CONCURRENCY = 16
@@ -209,6 +210,10 @@ class Peer:
 
     async def _listen(self) -> None:
         limits = self.config.limits
+        node_id = await self._store.get_state(_NODE_ID_STATE)
+        if node_id is None or len(node_id) != 20:
+            node_id = os.urandom(20)
+            await self._store.put_state(_NODE_ID_STATE, node_id)
         for _ in range(10):
             registry = DhtRegistry(
                 self.config.ksize,
@@ -217,6 +222,7 @@ class Peer:
                 lease=self.config.lease,
                 clock=self._clock.now,
                 serializer=self._serializer,
+                node_id=node_id,
             )
             await registry.start(self._host, self._requested_port, self._bootstrap)
             port = registry.address[1]

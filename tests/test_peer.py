@@ -333,11 +333,13 @@ async def test_restart_on_the_same_data_dir_keeps_everything(
     await fan.follow("star")
     await eventually(lambda: holds(fan, star_post))
     own = await fan.post("my own")
+    node_id = fan.registry.node_id
     await fan.stop()
     await star.logout()  # the author is gone: the cache must be local
     (again,) = await peers(1, data_dir=tmp_path / "fan")
     await again.login("fan", "pw")
     assert {p.id for p in await again.timeline()} == {own.id, star_post.id}
+    assert again.registry.node_id == node_id  # the same DHT node, a new port
 
 
 async def test_incoming_streams_posts_as_they_arrive(peers: PeerFactory) -> None:

@@ -269,6 +269,24 @@ async def test_stop_is_idempotent_and_frees_the_port(network: NetworkFactory) ->
         node.address  # noqa: B018
 
 
+async def test_a_node_back_with_its_id_replaces_its_old_address(
+    network: NetworkFactory,
+) -> None:
+    """A node restarted with its node id on another port is no dead contact:
+    the nodes it meets keep its new address in place of the old one."""
+    nodes = await network(3)
+    node_id, old = nodes[2].node_id, nodes[2].address
+    await nodes[2].stop()
+    back = pt.DhtRegistry(ksize=8, node_id=node_id)
+    await back.start("127.0.0.1", 0, bootstrap=[nodes[0].address])
+    try:
+        assert back.address != old
+        assert back.address in nodes[0].neighbors()
+        assert old not in nodes[0].neighbors()
+    finally:
+        await back.stop()
+
+
 async def test_unreachable_bootstrap_is_registry_unavailable() -> None:
     """With no reachable node, operations raise RegistryUnavailable, and joining
     later (when the bootstrap node comes up) works."""
