@@ -109,7 +109,8 @@ async def settle(
 
 
 class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
-    """kademlia's node lookup, on the faster heap, not waiting for stragglers."""
+    """kademlia's node lookup, on the faster heap, not waiting for stragglers
+    unless `patient`."""
 
     def __init__(
         self,
@@ -118,10 +119,18 @@ class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
         peers: list[Node],
         ksize: int,
         alpha: int,
+        *,
+        patient: bool = False,
     ) -> None:
         super().__init__(protocol, node, [], ksize, alpha)
         self.nearest = _NodeHeap(node, ksize)
         self.nearest.push(peers)
+        self.patient = patient
+
+    async def _settle(self, calls: list[asyncio.Task[T]]) -> list[T | None]:
+        if self.patient:  # every call ends within the RPC timeout
+            return list(await asyncio.gather(*calls))
+        return await settle(calls, self.protocol)
 
     async def _find(self, rpcmethod: Any) -> Any:
         # As kademlia's `SpiderCrawl._find`, with `settle` instead of waiting
@@ -134,7 +143,7 @@ class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
         for peer in peers:
             self.nearest.mark_contacted(peer)
         calls = [asyncio.ensure_future(rpcmethod(peer, self.node)) for peer in peers]
-        results = await settle(calls, self.protocol)
+        results = await self._settle(calls)
         return await self._nodes_found(
             {
                 peer.id: (False, None) if result is None else result
@@ -179,7 +188,7 @@ class _ValueCrawl(_NodeCrawl):
                 asyncio.ensure_future(self.protocol.call_find_value(n, self.node))
                 for n in ask
             ]
-            responses = await settle(calls, self.protocol)
+            responses = await self._settle(calls)
             failed = []
             for node, response in zip(ask, responses, strict=True):
                 if response is None or not response[0] or response[1] is None:
@@ -404,7 +413,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         self, key: bytes, raw: bytes, *, patient: bool = False
     ) -> list[tuple[Node | None, StoreReply | None]]:
         target = Node(key)
-        nodes = await self._closest_nodes(target)
+        nodes = await self._closest_nodes(target, patient=patient)
         replies: list[tuple[Node | None, StoreReply | None]] = []
         if self._is_close(target, nodes):
             replies.append((None, self.storage.offer(key, raw)))
@@ -423,12 +432,14 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
             self._lookups.pop(key, None)
         return replies
 
-    async def _closest_nodes(self, target: Node) -> list[Node]:
+    async def _closest_nodes(self, target: Node, *, patient: bool) -> list[Node]:
         cached = self._lookups.get(target.id)
         if cached is not None and time.monotonic() - cached[0] < _LOOKUP_TTL:
             return cached[1]
         nearest = self.protocol.router.find_neighbors(target)
-        spider = _NodeCrawl(self.protocol, target, nearest, self.ksize, self.alpha)
+        spider = _NodeCrawl(
+            self.protocol, target, nearest, self.ksize, self.alpha, patient=patient
+        )
         nodes: list[Node] = await spider.find()
         self._lookups[target.id] = (time.monotonic(), nodes)
         self._lookups.move_to_end(target.id)

@@ -479,10 +479,11 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         """Call `name` on `address`; returns ``(answered, result)``.
 
         UDP loses datagrams: a request not answered within half the RPC
-        timeout is sent once more, so one lost datagram does not fail the
-        call. A node whose last call failed that way is not asked again for
-        `UNREACHABLE_FOR` seconds (the call fails at once), unless `force` is
-        set or every contact is in that state.
+        timeout is sent once more, under the same id, and the first answer to
+        either copy counts, so one lost datagram does not fail the call and a
+        slow node still has the whole timeout. A node whose last call failed
+        is not asked again for `UNREACHABLE_FOR` seconds (the call fails at
+        once), unless `force` is set or every contact is in that state.
         """
         if self.transport is None:
             return (False, None)
@@ -491,11 +492,23 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         payload = _pack([name, list(args)])
         if len(payload) > 8192:
             raise ValueError(f"{name} request of {len(payload)} bytes is too large")
-        result: tuple[bool, Any] = (False, None)
-        for _ in range(2):
-            result = await self._send(address, payload, self._wait_timeout / 2)
-            if result[0] or self.transport is None:
-                break
+        msg_id = os.urandom(_ID_SIZE)
+        datagram = _REQUEST + msg_id + payload
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
+        timeout = loop.call_later(self._wait_timeout, self._timeout, msg_id)
+        resend = loop.call_later(
+            self._wait_timeout / 2, self._resend, msg_id, datagram, address
+        )
+        self._outstanding[msg_id] = (future, timeout)
+        self.transport.sendto(datagram, address)
+        try:
+            result = await future
+        finally:
+            resend.cancel()
+            if not future.done():  # cancelled while waiting
+                timeout.cancel()
+                self._outstanding.pop(msg_id, None)
         if result[0]:
             self._unreachable.pop(address, None)
         else:
@@ -504,23 +517,9 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
                 self._unreachable.pop(next(iter(self._unreachable)))
         return result
 
-    async def _send(
-        self, address: tuple[str, int], payload: bytes, wait: float
-    ) -> tuple[bool, Any]:
-        """Send one request datagram; its answer, or (False, None) after `wait`."""
-        assert self.transport is not None
-        msg_id = os.urandom(_ID_SIZE)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-        timeout = loop.call_later(wait, self._timeout, msg_id)
-        self._outstanding[msg_id] = (future, timeout)
-        self.transport.sendto(_REQUEST + msg_id + payload, address)
-        try:
-            return await future
-        finally:
-            if not future.done():  # cancelled while waiting
-                timeout.cancel()
-                self._outstanding.pop(msg_id, None)
+    def _resend(self, msg_id: bytes, datagram: bytes, address: tuple[str, int]) -> None:
+        if msg_id in self._outstanding and self.transport is not None:
+            self.transport.sendto(datagram, address)
 
     def _recently_unreachable(self, address: tuple[str, int]) -> bool:
         failed = self._unreachable.get(address)
