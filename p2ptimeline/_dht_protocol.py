@@ -179,8 +179,9 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         self._uppers: list[int] | None = None  # bucket upper bounds, for bisect
         self._heard: dict[bytes, float] = {}  # node id -> when it last answered
 
-    def heard_from(self, node: Node) -> None:
-        """Note that `node` answered or asked something just now.
+    def heard_from(self, node: Node) -> bool:
+        """Note that `node` answered or asked something just now; whether it
+        is a known contact back at another address (a restarted node).
 
         kademlia 2.2.3 leaves a known contact where it is in its bucket, so
         that a bucket's head is the oldest contact rather than the least
@@ -191,11 +192,13 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         bucket = self.buckets[self.get_bucket_for(node)]
         known = bucket.nodes.get(node.id)
         if known is None:
-            return
-        if (known.ip, known.port) != (node.ip, node.port):
+            return False
+        moved = (known.ip, known.port) != (node.ip, node.port)
+        if moved:
             bucket.nodes[node.id] = node
             self._contacts = None
         bucket.nodes.move_to_end(node.id)
+        return moved
 
     def silent_heads(self, silence: float) -> list[Node]:
         """The least recently seen contact of each bucket, where it has not
@@ -443,13 +446,14 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         when the newcomer is among the k closest to its key and it is the
         closest itself), but hashing each key once, not twice; checking the
         cheap condition first (is any contact closer than this node?) so
-        that a newcomer costs a scan, not a sort, per stored key; and
-        welcoming a node once even while its bucket is full.
+        that a newcomer costs a scan, not a sort, per stored key; welcoming
+        a node once even while its bucket is full; and again when it comes
+        back at another address, restarted and maybe with nothing stored.
         """
-        self.router.heard_from(node)
-        if not self.router.is_new_node(node):
+        restarted = self.router.heard_from(node)  # with an empty storage, maybe
+        if not restarted and not self.router.is_new_node(node):
             return
-        if node.id not in self._welcomed:
+        if restarted or node.id not in self._welcomed:
             self._welcomed[node.id] = None
             if len(self._welcomed) > 10_000:
                 self._welcomed.popitem(last=False)

@@ -273,8 +273,10 @@ async def test_a_node_back_with_its_id_replaces_its_old_address(
     network: NetworkFactory,
 ) -> None:
     """A node restarted with its node id on another port is no dead contact:
-    the nodes it meets keep its new address in place of the old one."""
+    the nodes it meets keep its new address in place of the old one, and
+    hand it again the records it should hold."""
     nodes = await network(3)
+    await register(nodes[0], "alice")  # held by all three (k = 8)
     node_id, old = nodes[2].node_id, nodes[2].address
     await nodes[2].stop()
     back = pt.DhtRegistry(ksize=8, node_id=node_id)
@@ -283,6 +285,8 @@ async def test_a_node_back_with_its_id_replaces_its_old_address(
         assert back.address != old
         assert back.address in nodes[0].neighbors()
         assert old not in nodes[0].neighbors()
+        storage = back._started().storage
+        await eventually(lambda: storage.get(claim_key("alice")) is not None)
     finally:
         await back.stop()
 
