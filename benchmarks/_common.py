@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import platform
 import shlex
 import statistics
@@ -10,6 +11,8 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TypeVar
+
+import p2ptimeline as pt
 
 T = TypeVar("T")
 
@@ -50,3 +53,31 @@ async def bounded(
             await job(item)
 
     await asyncio.gather(*(run(item) for item in items))
+
+
+async def with_retries(
+    job: Callable[[T], Awaitable[object]],
+    items: Iterable[T],
+    limit: int,
+    errors: collections.Counter[str],
+    tries: int = 3,
+) -> list[T]:
+    """`job(item)` for every item, at most `limit` at a time; the items that
+    failed are tried again (up to `tries` times in all) once the others are
+    done. Counts the errors by type; returns the items that never succeeded."""
+    pending = list(items)
+    for _ in range(tries):
+        failed: list[T] = []
+
+        async def attempt(item: T, failed: list[T] = failed) -> None:
+            try:
+                await job(item)
+            except pt.P2PTimelineError as exc:
+                errors[type(exc).__name__] += 1
+                failed.append(item)
+
+        await bounded(attempt, pending, limit)
+        pending = failed
+        if not pending:
+            break
+    return pending

@@ -32,7 +32,7 @@ import attrs
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import bounded, header
+from _common import bounded, header, with_retries
 
 import p2ptimeline as pt
 from p2ptimeline.testing import crash
@@ -65,13 +65,22 @@ class World:
             config=CONFIG,
         )
 
-    async def join(self, name: str, *, register: bool) -> None:
+    async def join(self, name: str, *, new: bool = False) -> None:
+        """Start a peer on the user's data directory: register the user if
+        `new`, else log in."""
         peer = self.new_peer(name)
         await peer.start()
-        if register:
-            await peer.register(name, "pw")
-        else:
-            await peer.login(name, "pw")
+        try:
+            if new:
+                try:
+                    await peer.register(name, "pw")
+                except pt.UsernameTaken:  # an earlier try claimed it, then failed
+                    await peer.login(name, "pw")
+            else:
+                await peer.login(name, "pw")
+        except BaseException:
+            await peer.stop()
+            raise
         self.peers[name] = peer
         self.offline.discard(name)
 
@@ -89,7 +98,7 @@ async def churn(world: World, seconds: float, post_rate: float) -> None:
     async def come_back(name: str, after: float) -> None:
         await asyncio.sleep(after)
         try:
-            await world.join(name, register=False)
+            await world.join(name)
             world.actions["returned"] += 1
         except pt.P2PTimelineError as exc:
             world.actions["failed return"] += 1
@@ -202,20 +211,31 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         world = World(boot, Path(tmp), rng)
         names = [f"user{i}" for i in range(args.peers)]
-        await bounded(lambda n: world.join(n, register=True), names, 16)
-        for name in names:
-            for other in rng.sample([n for n in names if n != name], args.follows):
-                world.following[name].add(other)
+        # Setup on one loaded event loop: operations that fail (the DHT
+        # timing out) are tried again, and counted.
+        errors: collections.Counter[str] = collections.Counter()
+        failed = await with_retries(
+            lambda n: world.join(n, new=True), names, 16, errors
+        )
+        if failed:
+            raise SystemExit(f"could not register {failed}: {dict(errors)}")
+        pairs = [
+            (name, other)
+            for name in names
+            for other in rng.sample([n for n in names if n != name], args.follows)
+        ]
 
-        async def follow_all(name: str) -> None:
-            for other in sorted(world.following[name]):
-                await world.peers[name].follow(other)
+        async def follow(pair: tuple[str, str]) -> None:
+            await world.peers[pair[0]].follow(pair[1])
+            world.following[pair[0]].add(pair[1])
 
-        await bounded(follow_all, names, 16)
+        unfollowed = await with_retries(follow, pairs, 16, errors)
         setup = time.monotonic() - started
         print(
-            f"setup: {args.peers} peers, {args.peers * args.follows} follows in "
-            f"{setup:.0f} s; churn for {args.seconds:.0f} s at {args.post_rate} posts/s"
+            f"setup: {args.peers} peers, {len(pairs) - len(unfollowed)} follows "
+            f"({len(unfollowed)} failed 3 times) in {setup:.0f} s; errors, tried "
+            f"again: {dict(errors) or 'none'}; churn for {args.seconds:.0f} s at "
+            f"{args.post_rate} posts/s"
         )
 
         await churn(world, args.seconds, args.post_rate)
@@ -232,7 +252,7 @@ async def main() -> None:
 
         # Everyone comes back and catches up once.
         for name in sorted(world.offline):
-            await world.join(name, register=False)
+            await world.join(name)
         await bounded(lambda n: world.peers[n].sync(), names, 16)
         final = await tally(world, names)
         expected, delivered, lost = final.expected, final.delivered, final.lost

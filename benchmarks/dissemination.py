@@ -65,16 +65,15 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import attrs
 from kademlia.node import Node
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _common import bounded, header, percentile
+from _common import bounded, header, percentile, with_retries
 
 import p2ptimeline as pt
 from p2ptimeline._dht_node import _NodeCrawl
@@ -83,35 +82,6 @@ from p2ptimeline.testing import crash
 
 HOST = "127.0.0.1"
 SETUP_CONCURRENCY = 32
-T = TypeVar("T")
-
-
-async def with_retries(
-    job: Callable[[T], Awaitable[object]],
-    items: Iterable[T],
-    limit: int,
-    errors: collections.Counter[str],
-    tries: int = 3,
-) -> list[T]:
-    """`job(item)` for every item, at most `limit` at a time; the items that
-    failed are tried again (up to `tries` times in all) once the others are
-    done. Counts the errors by type; returns the items that never succeeded."""
-    pending = list(items)
-    for _ in range(tries):
-        failed: list[T] = []
-
-        async def attempt(item: T, failed: list[T] = failed) -> None:
-            try:
-                await job(item)
-            except pt.P2PTimelineError as exc:
-                errors[type(exc).__name__] += 1
-                failed.append(item)
-
-        await bounded(attempt, pending, limit)
-        pending = failed
-        if not pending:
-            break
-    return pending
 
 
 async def wait_until(condition: Callable[[], bool], within: float) -> bool:

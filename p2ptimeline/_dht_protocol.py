@@ -538,8 +538,11 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             (n.ip, n.port) not in self._unreachable for n in self.router.contacts()
         )
 
-    async def _call_node(self, node: Node, name: str, *args: Any) -> Any:
-        result = await self.call((node.ip, node.port), name, self.source_node.id, *args)
+    async def _call_node(
+        self, node: Node, name: str, *args: Any, force: bool = False
+    ) -> Any:
+        address = (node.ip, node.port)
+        result = await self.call(address, name, self.source_node.id, *args, force=force)
         return self.handle_call_response(result, node)
 
     async def call_ping(self, node: Node) -> tuple[bool, Any]:
@@ -549,8 +552,13 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
     async def call_store(
         self, node: Node, key: bytes, value: bytes
     ) -> StoreReply | None:
-        """Ask `node` to store; None when it did not answer sensibly."""
-        ok, data = await self._call_node(node, "store", key, value)
+        """Ask `node` to store; None when it did not answer sensibly.
+
+        A store is sent even to a node recently found unreachable: it is one
+        of the few that should hold the value, and a loaded node is slow,
+        not gone (writes do not wait for it long; see `settle`).
+        """
+        ok, data = await self._call_node(node, "store", key, value, force=True)
         if ok and isinstance(data, list) and len(data) == 2:
             try:
                 return Outcome(data[0]), data[1]
