@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import attrs
 
-from ._models import Presence
+from ._models import FollowEntry, HybridTimestamp, Presence
 
 __all__ = ["Follower", "FollowerDirectory"]
 
@@ -34,6 +36,8 @@ class FollowerDirectory:
 
     def __init__(self) -> None:
         self._followers: dict[str, Follower] = {}
+        # follower -> timestamp of the newest follow entry applied
+        self._applied: dict[str, HybridTimestamp] = {}
 
     def __len__(self) -> int:
         return len(self._followers)
@@ -56,6 +60,22 @@ class FollowerDirectory:
     def remove(self, name: str) -> None:
         """Forget a follower that unfollowed."""
         self._followers.pop(name, None)
+
+    def apply(self, entry: FollowEntry) -> Literal["follow", "unfollow"] | None:
+        """Take in a (verified) follow or unfollow entry of a follower, unless
+        one at least as new was taken in before: notices and registry reads
+        may arrive in any order, and the newest entry wins, as in the
+        registry. Returns what changed, if anything."""
+        newest = self._applied.get(entry.follower)
+        if newest is not None and entry.timestamp <= newest:
+            return None
+        self._applied[entry.follower] = entry.timestamp
+        known = entry.follower in self._followers
+        if entry.following:
+            self.add(entry.follower, entry.follower_key)
+            return None if known else "follow"
+        self.remove(entry.follower)
+        return "unfollow" if known else None
 
     def update_presence(self, name: str, presence: Presence) -> bool:
         """Take a presence record of `name` if it is newer; returns whether it was.

@@ -411,11 +411,10 @@ class Peer:
         )
         known = await self._store.load_relation(username, "followers")
         for entry in sorted(entries, key=lambda e: e.timestamp):
-            if entry.following:
-                session.directory.add(entry.follower, entry.follower_key)
-                if entry.follower not in known:
-                    session.notifications.append(_notice("follow", entry))
-            elif entry.follower in known:
+            session.directory.apply(entry)
+            if entry.following and entry.follower not in known:
+                session.notifications.append(_notice("follow", entry))
+            elif not entry.following and entry.follower in known:
                 session.notifications.append(_notice("unfollow", entry))
         await self._store.save_relation(username, "following", following)
         await self._store.save_relation(
@@ -430,6 +429,9 @@ class Peer:
         await self._apply_retention()
         self._session_task(session, self._announce(session))
         self._session_task(session, self._every(self.config.pull_interval, self.sync))
+        self._session_task(
+            session, self._every(self.config.pull_interval, self._reread_followers)
+        )
         self._session_task(
             session, self._every(self.config.retention_interval, self._apply_retention)
         )
@@ -843,20 +845,32 @@ class Peer:
         if await self._public_key(entry.follower) != entry.follower_key:
             raise InvalidRecord(f"entry not signed by {entry.follower}")
         directory = session.directory
-        if entry.following:
-            if entry.follower not in directory.names():
-                session.notifications.append(_notice("follow", entry))
-            directory.add(entry.follower, entry.follower_key)
-            if notice.presence is not None:
-                notice.presence.verify()
-                directory.update_presence(entry.follower, notice.presence)
-        elif entry.follower in directory.names():
-            directory.remove(entry.follower)
-            session.notifications.append(_notice("unfollow", entry))
-        await self._store.save_relation(
-            session.username, "followers", directory.names()
-        )
+        change = directory.apply(entry)
+        if change is not None:
+            session.notifications.append(_notice(change, entry))
+            await self._store.save_relation(
+                session.username, "followers", directory.names()
+            )
+        if entry.following and notice.presence is not None:
+            notice.presence.verify()
+            directory.update_presence(entry.follower, notice.presence)
         return Ack()
+
+    async def _reread_followers(self) -> None:
+        """Take in follows and unfollows whose notice never arrived (it is
+        sent once; the registry holds every entry)."""
+        session = self._require_session()
+        entries = await self.registry.get_follow_entries(session.username, "followers")
+        changed = False
+        for entry in sorted(entries, key=lambda e: e.timestamp):
+            change = session.directory.apply(entry)
+            if change is not None:
+                session.notifications.append(_notice(change, entry))
+                changed = True
+        if changed:
+            await self._store.save_relation(
+                session.username, "followers", session.directory.names()
+            )
 
     async def _on_presence_notice(self, notice: PresenceNotice) -> Message:
         session = self._session

@@ -12,7 +12,7 @@ import attrs
 import pytest
 
 import p2ptimeline as pt
-from p2ptimeline._wire import Message, PostBatch, PostPush, TreeMember
+from p2ptimeline._wire import FollowNotice, Message, PostBatch, PostPush, TreeMember
 from p2ptimeline.testing import NtpServer, crash, eventually
 
 FAST = pt.PeerConfig(seal_cost=10, ksize=8, lease=30.0, pull_interval=3600.0)
@@ -203,6 +203,33 @@ async def test_online_followee_learns_of_a_follow_at_once(peers: PeerFactory) ->
     assert await _notified(alice, ("follow", "bob"))
     await bob.unfollow("alice")
     assert await _notified(alice, ("unfollow", "bob"))
+
+
+async def test_a_lost_follow_notice_is_made_up_from_the_registry(
+    peers: PeerFactory,
+) -> None:
+    """A follow whose notice never reached the online followee is read from
+    the registry: the followee's next posts are pushed to the new follower."""
+    (alice,) = await peers(1, config=attrs.evolve(FAST, pull_interval=0.5))
+    (bob,) = await peers(1)
+    await alice.register("alice", "pw")
+    await bob.register("bob", "pw")
+    assert bob._pool is not None
+    request = bob._pool.request
+
+    async def losing_notices(address: tuple[str, int], message: Message) -> Message:
+        if isinstance(message, FollowNotice):
+            raise pt.PeerUnreachable("lost on the way")
+        return await request(address, message)
+
+    bob._pool.request = losing_notices  # type: ignore[method-assign]
+    await bob.follow("alice")
+    assert await alice.followers("alice") == ["bob"]  # in the registry
+    await eventually(lambda: _notified(alice, ("follow", "bob")))
+    stream = bob.incoming()
+    post = await alice.post("pushed, not pulled")  # bob pulls hourly
+    assert (await asyncio.wait_for(anext(stream), 10)).id == post.id
+    await stream.aclose()
 
 
 async def test_login_on_a_second_peer(peers: PeerFactory) -> None:
