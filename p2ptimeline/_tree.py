@@ -41,20 +41,27 @@ class DisseminationTree:
     ) -> list[list[T]]:
         """The subtrees the root (the author) sends a post to, at most `fanout`.
 
-        Members are placed in an order drawn from the post id, so the
-        interior positions (the nodes that forward) change from post to post
-        and no follower is always the busy one.
+        Members are placed in one order, drawn from their names, and a post
+        uses one of `2 * fanout` rotations of it, each shifted by a
+        `2 * fanout`-th of its length, chosen by the post id. The interior
+        positions (the nodes that forward) are the first `1 / fanout` of the
+        order, so every follower forwards in about one post in `fanout`, and
+        no follower is always the busy one. Yet the trees, and so the
+        connections along their edges, recur from post to post: a tree drawn
+        afresh for each post would need a new connection for nearly every
+        hop.
 
         Args:
             root: The author.
             members: The followers to reach (each once).
-            post_id: The post's id, which seeds the order.
+            post_id: The post's id, which picks the rotation.
             key: A stable name for a member (its username).
         """
-        order = sorted(
-            members, key=lambda m: hashlib.sha256(post_id + key(m).encode()).digest()
-        )
-        return self.children([root, *order])
+        order = sorted(members, key=lambda m: hashlib.sha256(key(m).encode()).digest())
+        turns = 2 * self.fanout
+        turn = int.from_bytes(post_id[:8], "big") % turns
+        shift = turn * len(order) // turns
+        return self.children([root, *order[shift:], *order[:shift]])
 
     def children(self, tree: Sequence[T]) -> list[list[T]]:
         """The subtrees of the children of `tree[0]`, in heap order each."""

@@ -316,26 +316,41 @@ def test_plan_is_deterministic(k: int, n: int, post_id: bytes) -> None:
     ) == planner.plan("a", members, post_id=post_id, key=_key)
 
 
-def test_interior_positions_rotate() -> None:
-    """Across posts, no member is the author's first child in >= 20% of them."""
+def _interior(plan: list[list[str]], k: int) -> set[str]:
+    """The members of a plan that forward the post to someone."""
+    planner = pt.DisseminationTree(k)
+    forwarders: set[str] = set()
+    pending = list(plan)
+    while pending:
+        sub = pending.pop()
+        children = planner.children(sub)
+        if children:
+            forwarders.add(sub[0])
+        pending += children
+    return forwarders
+
+
+@pytest.mark.parametrize(("k", "n"), [(2, 100), (2, 1001), (3, 100), (4, 37)])
+def test_every_member_forwards_in_about_one_post_in_k(k: int, n: int) -> None:
+    """Across posts the forwarders change: of the 2k trees a post can use,
+    every member forwards in at least one and at most 3 (about 2)."""
     rng = random.Random(1234)
-    planner = pt.DisseminationTree(2)
-    members = _members(100)
-    first_children: collections.Counter[str] = collections.Counter()
-    interior: collections.Counter[str] = collections.Counter()
-    for _ in range(200):
-        post_id = rng.randbytes(32)
-        plan = planner.plan("author", members, post_id=post_id, key=_key)
-        first_children[plan[0][0]] += 1
-        for sub in plan:
-            interior[sub[0]] += 1
-    (_, most), *_ = first_children.most_common(1)
-    assert most < 0.2 * 200
-    assert len(first_children) > 50
-    assert max(interior.values()) < 0.2 * 200
+    forwards: collections.Counter[str] = collections.Counter()
+    plans = set()
+    for _ in range(400):
+        plan = _plan(k, n, rng.randbytes(32))
+        plans.add(tuple(tuple(sub) for sub in plan))
+    for plan in plans:
+        forwards.update(_interior([list(sub) for sub in plan], k))
+    assert len(plans) == 2 * k
+    assert max(forwards.values()) <= 3
+    assert len(forwards) == n
 
 
-def test_different_posts_give_different_plans() -> None:
-    """Two post ids give different member orders (the seed is used)."""
-    plans = {tuple(tuple(sub) for sub in _plan(3, 30, _post_id(i))) for i in range(20)}
-    assert len(plans) == 20
+def test_the_trees_of_a_membership_recur() -> None:
+    """Posts use a few trees, again and again (their connections are reused);
+    the post id picks which."""
+    plans = [_plan(2, 30, _post_id(i)) for i in range(40)]
+    distinct = {tuple(tuple(sub) for sub in plan) for plan in plans}
+    assert len(distinct) == 4
+    assert _plan(2, 30, _post_id(3)) == plans[3]
