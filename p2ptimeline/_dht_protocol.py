@@ -457,14 +457,15 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             self._welcomed[node.id] = None
             if len(self._welcomed) > 10_000:
                 self._welcomed.popitem(last=False)
+            # The newcomer itself is among the contacts when it came back.
+            others = [c for c in self.router.contacts() if c.id != node.id]
             for key, value in self.storage:
-                if self._should_hand_over(node, int.from_bytes(key)):
+                if self._should_hand_over(node, int.from_bytes(key), others):
                     self.spawn(self.call_store(node, key, value))
         self.router.add_contact(node)
 
-    def _should_hand_over(self, newcomer: Node, key: int) -> bool:
+    def _should_hand_over(self, newcomer: Node, key: int, contacts: list[Node]) -> bool:
         mine = self.source_node.long_id ^ key
-        contacts = self.router.contacts()
         if any(c.long_id ^ key < mine for c in contacts):
             return False  # a closer contact hands it over, if anyone does
         if len(contacts) < self.router.ksize:
