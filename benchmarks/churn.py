@@ -252,11 +252,20 @@ async def main() -> None:
             live = await tally(world, online)
         settle = time.monotonic() - mark
 
-        # Everyone comes back and catches up once.
+        # Everyone comes back and syncs, until nothing is missing or a sync
+        # round brings nothing new (a pull that fails under load is only
+        # logged: the next round tries again).
         for name in sorted(world.offline):
             await world.join(name)
-        await bounded(lambda n: world.peers[n].sync(), names, 16)
+        rounds: list[str] = []
         final = await tally(world, names)
+        rounds_start = final.share()
+        while final.delivered < final.expected and len(rounds) < 5:
+            await bounded(lambda n: world.peers[n].sync(), names, 16)
+            before, final = final, await tally(world, names)
+            rounds.append(final.share())
+            if final.delivered == before.delivered:
+                break
         expected, delivered, lost = final.expected, final.delivered, final.lost
         missing = final.missing
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -274,8 +283,9 @@ async def main() -> None:
             f"{settle:.0f} s later, before any sync | {live.share()} |"
         )
         print(f"| posts expected at followers | {expected} |")
-        share = 100 * delivered / expected if expected else 100.0
-        print(f"| delivery after the final sync | {final.share()} |")
+        print(f"| delivery after all came back and logged in | {rounds_start} |")
+        for i, round_share in enumerate(rounds, 1):
+            print(f"| delivery after sync round {i} | {round_share} |")
         print(f"| lost posts (not held by their author) | {lost} |")
         print(
             f"| peak RSS | {rss_mb:.0f} MiB ({rss_mb / args.peers:.2f} MiB per peer) |"
@@ -283,7 +293,7 @@ async def main() -> None:
         load = 100 * cpu / wall
         print(f"| CPU | {cpu:.0f} s over {wall:.0f} s wall ({load:.0f}% of a core) |")
         print()
-        verdict = "met" if share == 100.0 and lost == 0 else "NOT met"
+        verdict = "met" if delivered == expected and lost == 0 else "NOT met"
         print(f"targets (100% delivery, 0 lost posts): {verdict}")
         if missing:
             print("missing by followee:", dict(missing.most_common(10)))
