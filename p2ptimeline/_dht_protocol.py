@@ -176,6 +176,7 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
     def flush(self) -> None:
         super().flush()
         self._contacts: list[Node] | None = None  # all contacts, rebuilt on change
+        self._ids: list[int] | None = None  # their ids as numbers, in that order
         self._uppers: list[int] | None = None  # bucket upper bounds, for bisect
         self._heard: dict[bytes, float] = {}  # node id -> when it last answered
 
@@ -218,9 +219,16 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         # bucket by bucket, which are not the k closest by XOR distance.
         k = k or self.ksize
         target = node.long_id
-        closest = heapq.nsmallest(
-            k + 2, self.contacts(), key=lambda n: n.long_id ^ target
+        contacts = self.contacts()
+        assert self._ids is not None
+        # Distances computed and sorted in C (this runs for every lookup
+        # request a node answers): no Python call per contact.
+        distances = list(map(target.__xor__, self._ids))
+        cutoff = sorted(distances)[k + 1] if len(distances) > k + 2 else None
+        nearest = sorted(
+            (d, i) for i, d in enumerate(distances) if cutoff is None or d <= cutoff
         )
+        closest = [contacts[i] for _, i in nearest[: k + 2]]
         home = None if exclude is None else (exclude.ip, exclude.port)
         return [
             n
@@ -232,6 +240,7 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         """Every node in the table (a cached list, rebuilt after changes)."""
         if self._contacts is None:
             self._contacts = [n for b in self.buckets for n in b.nodes.values()]
+            self._ids = [n.long_id for n in self._contacts]
         return self._contacts
 
     def get_bucket_for(self, node: Node) -> int:
