@@ -727,7 +727,7 @@ async def main() -> None:
     # Follow notices lost under the setup's load are made up by the author's
     # periodic re-read of its followers (every pull_interval: an hour here);
     # run it once, as it would have run in an hour.
-    await net.author._reread_followers()
+    await with_retries(lambda _: net.author._reread_followers(), [None], 1, errors)
     setup_s = time.perf_counter() - started
     known = len(net.author._session.directory)
     print(
