@@ -158,8 +158,11 @@ class _ValueCrawl(_NodeCrawl):
     Unlike kademlia's `ValueSpiderCrawl`, which returns the first value it
     meets, it asks, all at once, the `quorum` closest nodes it knows that it
     has not asked yet, merges the closer nodes they name, and repeats until
-    the `quorum` closest it knows have all answered. It returns every answer:
-    the caller picks the newest.
+    the `quorum` closest it knows have all answered. If none of them holds
+    the value, it goes on to the `ksize` closest before concluding that
+    nobody does: nodes that joined after a value was stored can be the
+    closest to its key without holding it. It returns every answer: the
+    caller picks the newest (and repairs the closest replicas).
     """
 
     protocol: RegistryProtocol
@@ -182,7 +185,11 @@ class _ValueCrawl(_NodeCrawl):
             closest = list(self.nearest)[: self.quorum]
             ask = [n for n in closest if n.id not in asked]
             if not ask:
-                return self.answers
+                found = any(value for _, value in self.answers.values())
+                if found or self.quorum >= self.ksize:
+                    return self.answers
+                self.quorum = self.ksize  # absent from the closest: look wider
+                continue
             asked.update(n.id for n in ask)
             calls = [
                 asyncio.ensure_future(self.protocol.call_find_value(n, self.node))
@@ -341,7 +348,8 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
     async def read(self, key: bytes, quorum: int) -> list[Replica]:
         """Every valid answer for `key`, from the closest nodes and from here.
 
-        The lookup ends once the `quorum` closest nodes it knows answered.
+        The lookup ends once the `quorum` closest nodes it knows answered
+        (the `ksize` closest, if none of those holds a value).
 
         Raises:
             RegistryUnavailable: No other node is known, or none answered.

@@ -291,6 +291,27 @@ async def test_a_node_back_with_its_id_replaces_its_old_address(
         await back.stop()
 
 
+async def test_a_value_missing_at_the_closest_nodes_is_found_further_out(
+    network: NetworkFactory,
+) -> None:
+    """If the nodes closest to a key do not hold its value (they joined after
+    it was stored), a read looks further before calling it absent, and
+    repairs them."""
+    nodes = await network(12)
+    alice = await register(nodes[0], "alice")
+    key = claim_key("alice")
+    holders = [n for n in nodes if n._started().storage.get(key) is not None]
+    target = int.from_bytes(key)
+    holders.sort(key=lambda n: int.from_bytes(n.node_id) ^ target)
+    for node in holders[:6]:  # more than a read asks: as if they never got it
+        node._started().storage._data.pop(key)
+    reader = next(n for n in nodes if n not in holders)  # holding nothing itself
+    record = await reader.get_user("alice")
+    assert record is not None
+    assert record.public_key == alice.public_key
+    await eventually(lambda: all(n._started().storage.get(key) for n in holders[:6]))
+
+
 async def test_unreachable_bootstrap_is_registry_unavailable() -> None:
     """With no reachable node, operations raise RegistryUnavailable, and joining
     later (when the bootstrap node comes up) works."""
