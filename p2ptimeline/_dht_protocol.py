@@ -203,14 +203,15 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
 
     def silent_heads(self, silence: float) -> list[Node]:
         """The least recently seen contact of each bucket, where it has not
-        been heard from for `silence` seconds."""
+        been heard from for `silence` seconds; the longest silent first."""
         contacts = self.contacts()
         if len(self._heard) > 2 * len(contacts) + 1024:  # forget old contacts
             known = {n.id for n in contacts}
             self._heard = {i: t for i, t in self._heard.items() if i in known}
         since = time.monotonic() - silence
         heads = (b.head() for b in self.buckets if len(b))
-        return [n for n in heads if self._heard.get(n.id, 0.0) < since]
+        silent = [n for n in heads if self._heard.get(n.id, 0.0) < since]
+        return sorted(silent, key=lambda n: self._heard.get(n.id, 0.0))
 
     def find_neighbors(
         self, node: Node, k: int | None = None, exclude: Node | None = None

@@ -40,7 +40,7 @@ log = logging.getLogger("p2ptimeline.registry")
 
 _MAX_CONCURRENT_CLAIM_READS = 32
 _REBOOTSTRAP_INTERVAL = 1.0
-_CONTACT_CHECK_INTERVAL = 30.0
+_CONTACT_CHECK_INTERVAL = 10.0  # one silent contact pinged per check
 _CONTACT_SILENCE = 60.0  # seconds without a word before a contact is pinged
 _CLAIM_CACHE_SIZE = 100_000
 
