@@ -45,69 +45,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from _common import header, percentile
+from crash_probe import Probe
 
 import p2ptimeline as pt
 
-PROBE = Path(__file__).resolve().parent.parent / "tests" / "crash_probe.py"
 CONFIG = pt.PeerConfig(seal_cost=10, ksize=8, pull_interval=3600.0)
 AUTHOR, READER, PASSWORD = "author", "reader", "pw"
 KILLS = ("at once", "1-20 ms later", "with a post in flight")
-LINE_TIMEOUT = 60.0  # a slow, shared machine: generous
 CATCH_UP_DEADLINE = 30.0
-
-
-class ProbeExited(Exception):
-    """The probe process ended before printing the expected line."""
-
-
-class Probe:
-    """A peer in a child process (tests/crash_probe.py), driven by lines."""
-
-    def __init__(self, process: asyncio.subprocess.Process) -> None:
-        self.process = process
-
-    @classmethod
-    async def start(cls, data_dir: Path, boot: pt.DhtRegistry) -> Probe:
-        host, port = boot.address
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(PROBE),
-            str(data_dir),
-            f"{host}:{port}",
-            AUTHOR,
-            PASSWORD,
-            READER,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        return cls(process)
-
-    async def line(self, prefix: str) -> list[str]:
-        """The words after `prefix` on the next line that starts with it."""
-        assert self.process.stdout is not None
-        async with asyncio.timeout(LINE_TIMEOUT):
-            while True:
-                raw = await self.process.stdout.readline()
-                if not raw:
-                    raise ProbeExited(f"the probe exited before a {prefix!r} line")
-                words = raw.decode().split()
-                if words and words[0] == prefix:
-                    return words[1:]
-
-    async def send_post(self, text: str) -> None:
-        assert self.process.stdin is not None
-        self.process.stdin.write(f"post {text}\n".encode())
-        await self.process.stdin.drain()
-
-    async def kill(self) -> list[str]:
-        """SIGKILL it (no goodbye, no flush); the ids it confirmed meanwhile."""
-        self.process.kill()
-        await self.process.wait()
-        assert self.process.stdout is not None
-        rest = (await self.process.stdout.read()).decode().splitlines()
-        return [w[1] for w in map(str.split, rest) if len(w) == 2 and w[0] == "posted"]
 
 
 def integrity_check(path: Path) -> str:
@@ -195,7 +143,7 @@ async def main() -> None:
         async def restart(round_: int) -> Probe:
             """Start the probe; check what it holds and that it serves."""
             t0 = time.monotonic()
-            probe = await Probe.start(data_dir, boot)
+            probe = await Probe.start(data_dir, boot.address, AUTHOR, PASSWORD, READER)
             held = set(await probe.line("held"))
             ready_times.append(time.monotonic() - t0)
             last_held.clear()
