@@ -19,7 +19,13 @@ from kademlia.network import Server
 from kademlia.node import Node, NodeHeap
 from kademlia.routing import KBucket
 
-from ._dht_protocol import RecordStorage, RegistryProtocol, StoreReply, decode_value
+from ._dht_protocol import (
+    ALIVE_FOR,
+    RecordStorage,
+    RegistryProtocol,
+    StoreReply,
+    decode_value,
+)
 from ._errors import DecodeError, InvalidRecord, RegistryUnavailable
 from ._records import RegistryValue
 from ._serializer import Serializer
@@ -319,9 +325,9 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
             if self.has_neighbors():
                 await self._store_everywhere(key, raw)
 
-    async def check_contacts(self, silence: float) -> None:
+    async def check_contacts(self) -> None:
         """Ping the contact silent the longest, among the least recently seen
-        of each bucket, if it has not been heard from for `silence` seconds.
+        of each bucket, if it has not been heard from for `ALIVE_FOR` seconds.
 
         A contact that does not answer is dropped (kademlia removes a node
         only when a call of this node to it fails, and a bootstrap node
@@ -329,7 +335,8 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         newcomers. One ping per check: a thousand nodes in one process
         pinging a head per bucket spent a quarter of their CPU on it.
         """
-        for node in self.protocol.router.silent_heads(silence)[:1]:
+        node = self.protocol.router.most_silent_head(ALIVE_FOR)
+        if node is not None:
             await self.protocol.call_ping(node)
 
     async def ensure_joined(self) -> None:

@@ -28,7 +28,6 @@ import bisect
 import collections
 import contextlib
 import functools
-import heapq
 import ipaddress
 import logging
 import os
@@ -47,12 +46,21 @@ from ._errors import DecodeError, InvalidRecord
 from ._records import MAX_VALUE_SIZE, Outcome, RegistryValue, check_value, merge
 from ._serializer import Serializer
 
-__all__ = ["MAX_DATAGRAM", "RecordStorage", "RegistryProtocol", "StoreReply"]
+__all__ = [
+    "ALIVE_FOR",
+    "MAX_DATAGRAM",
+    "RecordStorage",
+    "RegistryProtocol",
+    "StoreReply",
+]
 
 log = logging.getLogger("p2ptimeline.dht")
 
 UNREACHABLE_FOR = 15.0
 """Seconds a node that did not answer (twice) is treated as gone."""
+ALIVE_FOR = 60.0
+"""Seconds after a contact was last heard from that it is taken to be
+there without asking (a ping)."""
 MAX_DATAGRAM = 8192 + 64
 """Largest datagram read; rpcudp itself refuses to send requests over 8 KB."""
 _REQUEST, _RESPONSE = b"\x00", b"\x01"
@@ -176,7 +184,8 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
     def flush(self) -> None:
         super().flush()
         self._contacts: list[Node] | None = None  # all contacts, rebuilt on change
-        self._ids: list[int] | None = None  # their ids as numbers, in that order
+        self._by_long_id: dict[int, Node] = {}  # the contacts by id as a number
+        self._sorted_ids: list[int] = []  # those numbers, in order
         self._uppers: list[int] | None = None  # bucket upper bounds, for bisect
         self._heard: dict[bytes, float] = {}  # node id -> when it last answered
 
@@ -201,17 +210,21 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         bucket.nodes.move_to_end(node.id)
         return moved
 
-    def silent_heads(self, silence: float) -> list[Node]:
-        """The least recently seen contact of each bucket, where it has not
-        been heard from for `silence` seconds; the longest silent first."""
+    def most_silent_head(self, silence: float) -> Node | None:
+        """Of the least recently seen contacts of the buckets, the one silent
+        the longest, if it has not been heard from for `silence` seconds."""
         contacts = self.contacts()
         if len(self._heard) > 2 * len(contacts) + 1024:  # forget old contacts
             known = {n.id for n in contacts}
             self._heard = {i: t for i, t in self._heard.items() if i in known}
-        since = time.monotonic() - silence
-        heads = (b.head() for b in self.buckets if len(b))
-        silent = [n for n in heads if self._heard.get(n.id, 0.0) < since]
-        return sorted(silent, key=lambda n: self._heard.get(n.id, 0.0))
+        heads = [_head(b) for b in self.buckets if len(b)]
+        head = min(heads, key=self._last_heard, default=None)
+        if head is None or self._last_heard(head) >= time.monotonic() - silence:
+            return None
+        return head
+
+    def _last_heard(self, node: Node) -> float:
+        return self._heard.get(node.id, 0.0)
 
     def find_neighbors(
         self, node: Node, k: int | None = None, exclude: Node | None = None
@@ -220,28 +233,23 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         # bucket by bucket, which are not the k closest by XOR distance.
         k = k or self.ksize
         target = node.long_id
-        contacts = self.contacts()
-        assert self._ids is not None
-        # Distances computed and sorted in C (this runs for every lookup
-        # request a node answers): no Python call per contact.
-        distances = list(map(target.__xor__, self._ids))
-        cutoff = sorted(distances)[k + 1] if len(distances) > k + 2 else None
-        nearest = sorted(
-            (d, i) for i, d in enumerate(distances) if cutoff is None or d <= cutoff
-        )
-        closest = [contacts[i] for _, i in nearest[: k + 2]]
+        self.contacts()
+        ids, by_id = self._sorted_ids, self._by_long_id
         home = None if exclude is None else (exclude.ip, exclude.port)
-        return [
+        nearest = [
             n
-            for n in closest
+            for n in (by_id[ids[i]] for i in _nearest(ids, target, k + 2))
             if n.long_id != target and (home is None or (n.ip, n.port) != home)
-        ][:k]
+        ]
+        nearest.sort(key=lambda n: n.long_id ^ target)
+        return nearest[:k]
 
     def contacts(self) -> list[Node]:
         """Every node in the table (a cached list, rebuilt after changes)."""
         if self._contacts is None:
             self._contacts = [n for b in self.buckets for n in b.nodes.values()]
-            self._ids = [n.long_id for n in self._contacts]
+            self._by_long_id = {n.long_id: n for n in self._contacts}
+            self._sorted_ids = sorted(self._by_long_id)
         return self._contacts
 
     def get_bucket_for(self, node: Node) -> int:
@@ -256,22 +264,64 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
     def split_bucket(self, index: int) -> None:
         super().split_bucket(index)
         self._uppers = None
+        self._contacts = None  # the bucket's replacement nodes moved in
 
     def add_contact(self, node: Node) -> None:
-        self._contacts = None
         index = self.get_bucket_for(node)
         bucket = self.buckets[index]
+        known = bucket.nodes.get(node.id)
         if bucket.add_node(node):
+            if known is None or (known.ip, known.port) != (node.ip, node.port):
+                self._contacts = None
             return
         if bucket.has_in_range(self.node) or _depth(bucket) % 5 != 0:
             self.split_bucket(index)
             self.add_contact(node)
-        else:  # ask the oldest contact whether it is still there (owned task)
-            self.protocol.spawn(self.protocol.call_ping(bucket.head()))
+            return
+        # A full bucket: ask its least recently seen contact whether it is
+        # still there (an owned task), unless it was heard from lately.
+        # kademlia pings it for every message from a node not in the table.
+        head = _head(bucket)
+        if self._last_heard(head) < time.monotonic() - ALIVE_FOR:
+            self.protocol.spawn(self.protocol.call_ping(head))
 
     def remove_contact(self, node: Node) -> None:
-        self._contacts = None
+        if node.id in self.buckets[self.get_bucket_for(node)].nodes:
+            self._contacts = None
         super().remove_contact(node)
+
+
+def _nearest(ids: list[int], target: int, count: int) -> Iterator[int]:
+    """Indices of the `count` ids nearest to `target` by XOR distance, in no
+    particular order, among `ids` (sorted, distinct), by a few binary
+    searches rather than a pass over every id.
+
+    The ids sharing a prefix are a slice of `ids`. Starting from all of
+    them, split the slice at the first bit where its ids differ: the half
+    that agrees with `target` on that bit is nearer than the other half. If
+    it holds fewer ids than still wanted, all of it is taken and the search
+    goes on in the other half; otherwise in it alone.
+    """
+    low, high = 0, len(ids)
+    while high - low > count:
+        bit = (ids[low] ^ ids[high - 1]).bit_length() - 1
+        middle = bisect.bisect_left(ids, (ids[low] >> bit | 1) << bit, low, high)
+        if target >> bit & 1:
+            near, far = (middle, high), (low, middle)
+        else:
+            near, far = (low, middle), (middle, high)
+        if near[1] - near[0] >= count:
+            low, high = near
+        else:
+            yield from range(*near)
+            count -= near[1] - near[0]
+            low, high = far
+    yield from range(low, high)
+
+
+def _head(bucket: KBucket) -> Node:
+    """A bucket's least recently seen contact (`KBucket.head` copies all)."""
+    return next(iter(bucket.nodes.values()))
 
 
 def _depth(bucket: KBucket) -> int:
@@ -467,23 +517,21 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             self._welcomed[node.id] = None
             if len(self._welcomed) > 10_000:
                 self._welcomed.popitem(last=False)
-            # The newcomer itself is among the contacts when it came back.
-            others = [c for c in self.router.contacts() if c.id != node.id]
             for key, value in self.storage:
-                if self._should_hand_over(node, int.from_bytes(key), others):
+                if self._should_hand_over(node, key):
                     self.spawn(self.call_store(node, key, value))
         self.router.add_contact(node)
 
-    def _should_hand_over(self, newcomer: Node, key: int, contacts: list[Node]) -> bool:
-        mine = self.source_node.long_id ^ key
-        if any(c.long_id ^ key < mine for c in contacts):
+    def _should_hand_over(self, newcomer: Node, key: bytes) -> bool:
+        # The newcomer itself is among the contacts when it came back (at
+        # the address it is excluded by).
+        nearest = self.router.find_neighbors(Node(key), exclude=newcomer)
+        target = int.from_bytes(key)
+        if nearest and nearest[0].long_id ^ target < self.source_node.long_id ^ target:
             return False  # a closer contact hands it over, if anyone does
-        if len(contacts) < self.router.ksize:
+        if len(nearest) < self.router.ksize:
             return True
-        distances: list[int] = heapq.nsmallest(
-            self.router.ksize, (c.long_id ^ key for c in contacts)
-        )
-        return bool(newcomer.long_id ^ key < distances[-1])
+        return bool(newcomer.long_id ^ target < nearest[-1].long_id ^ target)
 
     # Outgoing calls. Each returns None when the node did not answer or
     # answered garbage, and keeps the routing table up to date.

@@ -41,7 +41,6 @@ log = logging.getLogger("p2ptimeline.registry")
 _MAX_CONCURRENT_CLAIM_READS = 32
 _REBOOTSTRAP_INTERVAL = 1.0
 _CONTACT_CHECK_INTERVAL = 10.0  # one silent contact pinged per check
-_CONTACT_SILENCE = 60.0  # seconds without a word before a contact is pinged
 _CLAIM_CACHE_SIZE = 100_000
 
 
@@ -552,7 +551,7 @@ class DhtRegistry:
                     await node.bootstrap(self._bootstrap)
                 if time.monotonic() - last_check > _CONTACT_CHECK_INTERVAL:
                     last_check = time.monotonic()
-                    await node.check_contacts(_CONTACT_SILENCE)
+                    await node.check_contacts()
                 if time.monotonic() - last_refresh > 3600:
                     last_refresh = time.monotonic()
                     await node._refresh_table()

@@ -291,6 +291,24 @@ async def test_a_node_back_with_its_id_replaces_its_old_address(
         await back.stop()
 
 
+async def test_a_newcomer_closest_to_a_key_is_handed_its_value(
+    network: NetworkFactory,
+) -> None:
+    """A node that joins closer to a key than any node holding its value is
+    handed the value by the closest holder it meets (paper, section 2.5)."""
+    nodes = await network(12)
+    await register(nodes[0], "alice")
+    key = claim_key("alice")
+    nearest_id = (int.from_bytes(key) ^ 1).to_bytes(20, "big")
+    newcomer = pt.DhtRegistry(ksize=8, node_id=nearest_id)
+    await newcomer.start("127.0.0.1", 0, bootstrap=[nodes[5].address])
+    try:
+        storage = newcomer._started().storage
+        await eventually(lambda: storage.get(key) is not None)
+    finally:
+        await newcomer.stop()
+
+
 async def test_a_value_missing_at_the_closest_nodes_is_found_further_out(
     network: NetworkFactory,
 ) -> None:
@@ -338,11 +356,21 @@ def stored(node: pt.DhtRegistry, key: bytes) -> RegistryValue | None:
     return node._node.storage.value(key)
 
 
+def presence_port(node: pt.DhtRegistry, user: pt.Identity) -> int | None:
+    """The port in the presence of `user` that `node` holds, if any."""
+    value = stored(node, presence_key(user.public_key))
+    return value.presence.port if value and value.presence else None
+
+
 async def test_forged_writes_from_a_plain_kademlia_client_are_refused(
     network: NetworkFactory,
 ) -> None:
     """Garbage, forged, squatting, replayed and oversized writes sent by a plain
-    kademlia node are refused by every storage node and never read back."""
+    kademlia node are refused by every storage node and never read back.
+
+    A node that holds nothing under a key cannot know that a validly signed
+    squat or replay is one: it may keep it, but readers outvote it (claims)
+    or prefer the newest (presences)."""
     nodes = await network(12)
     alice = await register(nodes[1], "alice")
     carol = await register(nodes[2], "carol")
@@ -398,6 +426,10 @@ async def test_forged_writes_from_a_plain_kademlia_client_are_refused(
                 ),
             ),
         }
+        claim_holders = [n for n in nodes if stored(n, claim_key("alice"))]
+        presence_holders = [  # of the newest presence: an older one is a replay
+            n for n in nodes if presence_port(n, alice) == 1002
+        ]
         for key, raw in attacks.values():
             await attacker.set_digest(key, raw)
         # A validly signed entry that lies about the follower's name is kept
@@ -413,11 +445,14 @@ async def test_forged_writes_from_a_plain_kademlia_client_are_refused(
             followers_root, serializer.encode(RegistryValue(shard=shard))
         )
 
+        for node in claim_holders:
+            claim = stored(node, claim_key("alice"))
+            assert claim.claim.public_key == alice.public_key  # type: ignore[union-attr]
+        assert presence_holders
+        assert all(presence_port(n, alice) == 1002 for n in presence_holders)
         for node in nodes:
             claim = stored(node, claim_key("alice"))
-            assert claim is None or claim.claim.public_key == alice.public_key  # type: ignore[union-attr]
-            presence = stored(node, presence_key(alice.public_key))
-            assert presence is None or presence.presence.port == 1002  # type: ignore[union-attr]
+            assert claim is None or claim.claim != tampered  # type: ignore[union-attr]
             held = stored(node, followers_root)
             assert held is None or bad_signature not in held.shard.entries  # type: ignore[union-attr]
         for node in nodes[5:9]:  # the attacker also answers reads: still no effect
