@@ -246,10 +246,12 @@ class UsernameClaim(_SelfSigned):
 
     It also carries the password-sealed private key, so that the user can
     log in from a peer that has never seen them. Later claims by the same key
-    (a higher `seq`) may replace the sealed key, for a password change.
+    (a higher `seq`) may replace the sealed key, for a password change, or
+    withdraw the claim: a key that lost a race for a name gives up the
+    replicas it got, so that the winner's claim can take their place.
     """
 
-    DOMAIN: ClassVar[str] = "p2ptimeline/claim/1"
+    DOMAIN: ClassVar[str] = "p2ptimeline/claim/2"
 
     username: str = attrs.field(validator=username)
     """The claimed name."""
@@ -261,19 +263,29 @@ class UsernameClaim(_SelfSigned):
     """The private key sealed with the owner's password (`Identity.seal`)."""
     seq: int = attrs.field(validator=uint(63))
     """Version of this claim; higher replaces lower."""
+    withdrawn: bool = attrs.field(default=False, validator=_exact(bool))
+    """True: the key gave the name up; any key may claim it again."""
     signature: bytes = _signature_field()
     """Signature by `public_key`."""
 
     @classmethod
     def create(
-        cls, identity: Identity, username: str, sealed_key: bytes, seq: int = 0
+        cls,
+        identity: Identity,
+        username: str,
+        sealed_key: bytes,
+        seq: int = 0,
+        *,
+        withdrawn: bool = False,
     ) -> Self:
-        """Make a claim of `username` signed by `identity`."""
+        """Make a claim of `username` signed by `identity` (or, `withdrawn`,
+        a withdrawal of it)."""
         draft = cls(
             username=username,
             public_key=identity.public_key,
             sealed_key=sealed_key,
             seq=seq,
+            withdrawn=withdrawn,
             signature=_NO_SIGNATURE,
         )
         return _sign(draft, identity)

@@ -3,7 +3,8 @@
 Every DHT value is a `RegistryValue` holding exactly one of:
 
 * a `UsernameClaim`, under `claim_key(username)`: the first claim of a name
-  wins; later claims by the same key with a higher `seq` replace it;
+  wins; later claims by the same key with a higher `seq` replace it; once
+  withdrawn by its key, a claim by any key replaces it;
 * a `Presence`, under `presence_key(public_key)`: higher `seq` wins;
 * a `SetShard`, under `shard_key(relation, owner key, prefix)`: one shard of a
   user's followers or following set (see below).
@@ -230,6 +231,8 @@ def merge(
         assert held is not None
         assert held.claim is not None
         if held.claim.public_key != incoming.claim.public_key:
+            if held.claim.withdrawn:
+                return incoming, Outcome.STORED, []
             return held, Outcome.TAKEN, []
         return _newer_by_seq(held, incoming, held.claim.seq, incoming.claim.seq)
     if incoming.presence is not None:

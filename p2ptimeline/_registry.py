@@ -241,8 +241,12 @@ class DhtRegistry:
             if any(outcome is Outcome.TAKEN for outcome, _ in outcomes):
                 # Held by another key, or claimed by someone else at this
                 # very moment: the claim most of the closest nodes hold wins.
-                winner = await self._read_claim(username)
+                # The loser withdraws the replicas it got, so that readers
+                # asking only a few of the closest nodes agree on the winner.
+                winner = await self._read_claim(username, everywhere=True)
                 if winner is None or winner.public_key != identity.public_key:
+                    if any(outcome is Outcome.STORED for outcome, _ in outcomes):
+                        await self._withdraw(claim, identity)
                     raise UsernameTaken(f"{username!r} is taken")
             held = [s for outcome, s in outcomes if outcome is Outcome.STALE]
             if not held or max(held) < seq:
@@ -466,20 +470,50 @@ class DhtRegistry:
 
     # Claims and presence
 
-    async def _read_claim(self, username: str) -> UsernameClaim | None:
-        """The claim of `username` held by most of the closest nodes."""
+    async def _withdraw(self, claim: UsernameClaim, identity: Identity) -> None:
+        """Give up the replicas of `claim` that a race for its name lost."""
+        withdrawal = UsernameClaim.create(
+            identity, claim.username, b"", claim.seq + 1, withdrawn=True
+        )
+        key = claim_key(claim.username)
+        try:
+            await self._started().write(key, RegistryValue(claim=withdrawal))
+        except RegistryUnavailable as exc:  # readers still outvote those replicas
+            log.warning(
+                "could not withdraw a lost claim of %r: %s", claim.username, exc
+            )
+
+    async def _read_claim(
+        self, username: str, *, everywhere: bool = False
+    ) -> UsernameClaim | None:
+        """The live claim of `username` held by most of the closest nodes.
+
+        With `everywhere`, all `ksize` closest nodes are asked and only their
+        answers count, so that two claimers of one name, each reading once
+        both writes landed, count the same votes and agree on who won.
+        Otherwise the read stops at the read quorum, unless it finds only
+        withdrawn claims (a lost race's leftovers, where the winner's claim
+        is on its way).
+        """
         key = claim_key(username)
-        replicas = await self._started().read(key, self.read_quorum)
-        votes: collections.Counter[bytes] = collections.Counter()
+        node = self._started()
+        replicas = await node.read(key, node.ksize if everywhere else self.read_quorum)
+        held = [(r.close, r.value.claim) for r in replicas if r.value and r.value.claim]
+        if everywhere and any(close for close, _ in held):
+            held = [(close, claim) for close, claim in held if close]
+        claims = [claim for _, claim in held]
         newest: dict[bytes, UsernameClaim] = {}
-        for replica in replicas:
-            if replica.value is not None and replica.value.claim is not None:
-                claim = replica.value.claim
-                votes[claim.public_key] += 1
-                best = newest.get(claim.public_key)
-                if best is None or claim.seq > best.seq:
-                    newest[claim.public_key] = claim
+        for claim in sorted(claims, key=lambda c: c.seq):
+            newest[claim.public_key] = claim
+        # One vote per replica of a claim that its key has not withdrawn.
+        votes = collections.Counter(
+            c.public_key
+            for c in claims
+            if not c.withdrawn and not newest[c.public_key].withdrawn
+        )
         if not votes:
+            if claims and not everywhere:
+                return await self._read_claim(username, everywhere=True)
             return None
         top = max(votes.values())
         winner = newest[min(k for k, n in votes.items() if n == top)]

@@ -52,9 +52,15 @@ def at(physical_ms: int, logical: int = 0) -> pt.HybridTimestamp:
 
 
 def make_claim(
-    identity: pt.Identity, name: str = "alice", seq: int = 0, sealed: bytes = b"s"
+    identity: pt.Identity,
+    name: str = "alice",
+    seq: int = 0,
+    sealed: bytes = b"s",
+    *,
+    withdrawn: bool = False,
 ) -> RegistryValue:
-    return RegistryValue(claim=pt.UsernameClaim.create(identity, name, sealed, seq))
+    claim = pt.UsernameClaim.create(identity, name, sealed, seq, withdrawn=withdrawn)
+    return RegistryValue(claim=claim)
 
 
 def make_presence(
@@ -325,9 +331,10 @@ def test_check_value_refuses_a_value_under_another_key(
         {"seq": 4},
         {"sealed_key": b"other"},
         {"public_key": MALLORY.public_key},
+        {"withdrawn": True},
         {"signature": bytes(64)},
     ],
-    ids=["seq", "sealed_key", "public_key", "signature"],
+    ids=["seq", "sealed_key", "public_key", "withdrawn", "signature"],
 )
 def test_check_value_refuses_a_tampered_claim(change: dict[str, object]) -> None:
     """Changing any field of a claim breaks its signature."""
@@ -469,6 +476,18 @@ def test_first_claim_of_a_name_wins() -> None:
     for seq in (0, 5, 6, 2**63 - 1):
         other = make_claim(MALLORY, "alice", seq=seq)
         assert merge(held, other, capacity=4) == (held, Outcome.TAKEN, [])
+
+
+def test_a_withdrawn_claim_gives_the_name_to_any_key() -> None:
+    """Once its key withdrew it (with a higher seq), a claim yields to any
+    other key's claim; an older seq of the withdrawn key is still stale."""
+    held = make_claim(ALICE, "alice", seq=0)
+    withdrawal = make_claim(ALICE, "alice", seq=1, sealed=b"", withdrawn=True)
+    assert merge(held, withdrawal, capacity=4) == (withdrawal, Outcome.STORED, [])
+    assert merge(withdrawal, held, capacity=4) == (withdrawal, Outcome.STALE, [])
+    other = make_claim(MALLORY, "alice", seq=0)
+    assert merge(withdrawal, other, capacity=4) == (other, Outcome.STORED, [])
+    assert merge(other, withdrawal, capacity=4) == (other, Outcome.TAKEN, [])
 
 
 def test_owner_replaces_its_claim_with_a_higher_seq() -> None:

@@ -88,6 +88,36 @@ async def test_concurrent_claims_have_one_winner(network: NetworkFactory) -> Non
     assert all(isinstance(r, pt.UsernameClaim | pt.UsernameTaken) for r in results)
     records = await asyncio.gather(*(node.get_user("bob") for node in nodes))
     assert {r.public_key for r in records if r} == {winners[0].public_key}
+    for node in nodes:  # the loser withdrew whatever replicas it got
+        held = stored(node, claim_key("bob"))
+        assert held is None or held.claim.withdrawn or held.claim == winners[0]  # type: ignore[union-attr]
+
+
+async def test_a_split_claim_is_settled_for_every_reader(
+    network: NetworkFactory,
+) -> None:
+    """When the closest nodes hold two keys' claims of one name (a race),
+    the claimer holding fewer gets UsernameTaken and withdraws, even from the
+    very closest nodes, which a read asks first; then every reader sees the
+    winner, and reads repair the withdrawn replicas."""
+    nodes = await network(12)
+    alice, bob = pt.Identity.generate(), pt.Identity.generate()
+    key = claim_key("name")
+    target = int.from_bytes(key)
+    closest = sorted(nodes, key=lambda n: int.from_bytes(n.node_id) ^ target)[:8]
+    alices, bobs = [
+        RegistryValue(claim=pt.UsernameClaim.create(who, "name", SEALED))
+        for who in (alice, bob)
+    ]
+    serializer = pt.CborSerializer()
+    for i, node in enumerate(closest):  # bob's on the 3 closest, alice's on 5
+        value = bobs if i < 3 else alices
+        node._started().storage.offer(key, serializer.encode(value))
+    with pytest.raises(pt.UsernameTaken):
+        await nodes[0].claim_username("name", bob, SEALED)
+    records = await asyncio.gather(*(node.get_user("name") for node in nodes))
+    assert all(r is not None and r.public_key == alice.public_key for r in records)
+    await eventually(lambda: all(stored(n, key) == alices for n in closest))
 
 
 async def test_hundred_concurrent_follows_are_all_kept(network: NetworkFactory) -> None:
