@@ -184,6 +184,7 @@ class _ValueCrawl(_NodeCrawl):
         super().__init__(protocol, node, peers, ksize, alpha=quorum)
         self.quorum = quorum
         self.answers: dict[bytes, tuple[Node, bytes | None]] = {}
+        self.failed: list[Node] = []  # asked, and did not answer
 
     async def find(self) -> dict[bytes, tuple[Node, bytes | None]]:
         asked: set[bytes] = set()
@@ -205,12 +206,13 @@ class _ValueCrawl(_NodeCrawl):
             failed = []
             for node, response in zip(ask, responses, strict=True):
                 if response is None or not response[0] or response[1] is None:
-                    failed.append(node.id)
+                    failed.append(node)
                     continue
                 value, nodes = response[1]
                 self.answers[node.id] = (node, value)
                 self.nearest.push([Node(*n) for n in nodes])
-            self.nearest.remove(failed)
+            self.failed.extend(failed)
+            self.nearest.remove([node.id for node in failed])
 
     def closest_ids(self) -> set[bytes]:
         """Ids of the `ksize` closest nodes that answered or were never asked."""
@@ -368,6 +370,13 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         nearest = self.protocol.router.find_neighbors(target)
         crawl = _ValueCrawl(self.protocol, target, nearest, self.ksize, quorum)
         answers = await crawl.find()
+        if not any(raw for _, raw in answers.values()) and self.protocol.forgive(
+            crawl.failed
+        ):
+            # Nodes skipped as unreachable may only have been slow once (on
+            # an overloaded host): ask them again before calling it absent.
+            crawl = _ValueCrawl(self.protocol, target, nearest, self.ksize, quorum)
+            answers = await crawl.find()
         if not answers:
             # Silence is not absence: without a single answer, nothing is known.
             raise RegistryUnavailable("no DHT node answered the read")

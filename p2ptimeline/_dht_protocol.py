@@ -32,7 +32,7 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -583,6 +583,11 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
     def _resend(self, msg_id: bytes, datagram: bytes, address: tuple[str, int]) -> None:
         if msg_id in self._outstanding and self.transport is not None:
             self.transport.sendto(datagram, address)
+
+    def forgive(self, nodes: Iterable[Node]) -> bool:
+        """Forget that `nodes` failed to answer; whether any of them had."""
+        forgiven = [self._unreachable.pop((n.ip, n.port), None) for n in nodes]
+        return any(at is not None for at in forgiven)
 
     def _recently_unreachable(self, address: tuple[str, int]) -> bool:
         failed = self._unreachable.get(address)

@@ -360,6 +360,25 @@ async def test_a_value_missing_at_the_closest_nodes_is_found_further_out(
     await eventually(lambda: all(n._started().storage.get(key) for n in holders[:6]))
 
 
+async def test_holders_wrongly_marked_unreachable_are_asked_again(
+    network: NetworkFactory,
+) -> None:
+    """A node skips for a while the nodes whose calls failed; when those
+    were only slow (an overloaded host), a read that finds nothing asks them
+    again before calling the record absent."""
+    nodes = await network(12)
+    alice = await register(nodes[0], "alice")
+    key = claim_key("alice")
+    reader = next(n for n in nodes if stored(n, key) is None)
+    protocol = reader._started().protocol
+    for node in nodes:  # as if all holders had just timed out
+        if stored(node, key) is not None:
+            protocol._unreachable[node.address] = time.monotonic()
+    record = await reader.get_user("alice")
+    assert record is not None
+    assert record.public_key == alice.public_key
+
+
 async def test_unreachable_bootstrap_is_registry_unavailable() -> None:
     """With no reachable node, operations raise RegistryUnavailable, and joining
     later (when the bootstrap node comes up) works."""
