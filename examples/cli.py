@@ -872,6 +872,7 @@ async def run(args: argparse.Namespace) -> int:
             args.host,
             args.port,
             args.bootstrap,
+            advertised_host=args.advertise,
             data_dir=args.data_dir,
             clock=pt.ClockSync(servers=args.ntp),
             config=pt.PeerConfig(seal_cost=args.seal_cost),
@@ -921,6 +922,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--host", default="127.0.0.1", help="interface to listen on (%(default)s)"
+    )
+    parser.add_argument(
+        "--advertise",
+        metavar="HOST",
+        help="address other peers reach this one at (default: --host; "
+        "needed with --host 0.0.0.0)",
     )
     parser.add_argument(
         "--port",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
 import logging
 import os
 import random
@@ -135,9 +136,14 @@ class Peer:
     and read the timeline; posts from followees arrive by themselves.
 
     Args:
-        host: Interface to listen on, and the address other peers reach.
+        host: Interface to listen on; also the address other peers reach,
+            unless `advertised_host` is given.
         port: UDP and TCP port; 0 picks one free for both (see `port`).
         bootstrap: ``(host, port)`` of DHT nodes already in the network.
+        advertised_host: The address other peers reach this one at, when
+            it is not `host`: needed when listening on every interface
+            (``"0.0.0.0"`` or ``"::"``), and behind a port-preserving
+            forward. Published in the user's presence record.
         data_dir: Directory for the store (`SqliteStore`); the peer keeps
             identities and posts there across restarts. Without it and
             without `store`, everything is kept in memory.
@@ -154,14 +160,21 @@ class Peer:
         port: int = 0,
         bootstrap: Sequence[tuple[str, int]] = (),
         *,
+        advertised_host: str | None = None,
         data_dir: str | os.PathLike[str] | None = None,
         store: LocalStore | None = None,
         clock: ClockSync | None = None,
         serializer: Serializer | None = None,
         config: PeerConfig | None = None,
     ) -> None:
+        if advertised_host is None and _is_wildcard(host):
+            raise UsageError(
+                f"listening on every interface ({host!r}) needs advertised_host: "
+                "the address other peers reach this one at"
+            )
         self.config = config or PeerConfig()
         self._host = host
+        self._advertised_host = advertised_host or host
         self._requested_port = port
         self._bootstrap = list(bootstrap)
         if store is None:
@@ -294,8 +307,9 @@ class Peer:
 
     @property
     def address(self) -> tuple[str, int]:
-        """``(host, port)`` where other peers reach this one."""
-        return (self._host, self.port)
+        """``(host, port)`` where other peers reach this one (the advertised
+        host, if one was given)."""
+        return (self._advertised_host, self.port)
 
     @property
     def username(self) -> str | None:
@@ -729,7 +743,8 @@ class Peer:
 
     async def _disseminate(self, session: _Session, post: Post) -> None:
         members = await self._online_followers(session)
-        me = TreeMember(name=session.username, host=self._host, port=self.port)
+        host, port = self.address
+        me = TreeMember(name=session.username, host=host, port=port)
         subtrees = self._tree.plan(me, members, post_id=post.id, key=_name)
         await asyncio.gather(*(self._push(post, tree, session) for tree in subtrees))
 
@@ -1013,3 +1028,11 @@ async def _bounded(
             return await job(item)
 
     return await asyncio.gather(*(run(item) for item in items))
+
+
+def _is_wildcard(host: str) -> bool:
+    """Whether `host` means every interface (not an address to reach)."""
+    try:
+        return host == "" or ipaddress.ip_address(host).is_unspecified
+    except ValueError:  # a host name
+        return False

@@ -427,6 +427,38 @@ async def test_stop_is_idempotent_and_frees_the_port(peers: PeerFactory) -> None
             sock.bind(("127.0.0.1", port))
 
 
+async def test_a_peer_on_every_interface_is_reached_at_its_advertised_host(
+    peers: PeerFactory,
+) -> None:
+    """A peer listening on 0.0.0.0 publishes its advertised host, and posts
+    flow both ways; listening on every interface without one is refused."""
+    (bob,) = await peers(1)
+    alice = pt.Peer(
+        "0.0.0.0",
+        0,
+        [bob.address],
+        advertised_host="127.0.0.1",
+        config=FAST,
+        clock=pt.ClockSync(servers=[]),
+    )
+    async with alice:
+        assert alice.address == ("127.0.0.1", alice.port)
+        await alice.register("alice", "pw")
+        await bob.register("bob", "pw")
+        await bob.follow("alice")
+        await alice.follow("bob")
+        record = await bob.registry.get_user("alice")
+        assert record is not None
+        assert record.address == ("127.0.0.1", alice.port)
+        hers = await alice.post("from every interface")
+        await eventually(lambda: holds(bob, hers))
+        his = await bob.post("to every interface")
+        await eventually(lambda: holds(alice, his))
+    for wildcard in ("0.0.0.0", "::"):
+        with pytest.raises(pt.UsageError, match="advertised_host"):
+            pt.Peer(wildcard, 0)
+
+
 async def test_a_silent_follower_delays_only_its_own_subtree(
     peers: PeerFactory,
 ) -> None:
