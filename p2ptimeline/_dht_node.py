@@ -368,13 +368,15 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         await self.ensure_joined()
         target = Node(key)
         nearest = self.protocol.router.find_neighbors(target)
+        started = time.monotonic()
         crawl = _ValueCrawl(self.protocol, target, nearest, self.ksize, quorum)
         answers = await crawl.find()
         if not any(raw for _, raw in answers.values()) and self.protocol.forgive(
-            crawl.failed
+            crawl.failed, marked_before=started
         ):
             # Nodes skipped as unreachable may only have been slow once (on
             # an overloaded host): ask them again before calling it absent.
+            # (Not those that failed during this read: they were asked.)
             crawl = _ValueCrawl(self.protocol, target, nearest, self.ksize, quorum)
             answers = await crawl.find()
         if not answers:

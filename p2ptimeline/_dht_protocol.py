@@ -584,10 +584,17 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         if msg_id in self._outstanding and self.transport is not None:
             self.transport.sendto(datagram, address)
 
-    def forgive(self, nodes: Iterable[Node]) -> bool:
-        """Forget that `nodes` failed to answer; whether any of them had."""
-        forgiven = [self._unreachable.pop((n.ip, n.port), None) for n in nodes]
-        return any(at is not None for at in forgiven)
+    def forgive(self, nodes: Iterable[Node], marked_before: float) -> bool:
+        """Forget that those of `nodes` marked unreachable before the time
+        `marked_before` (of `time.monotonic`) failed to answer; whether any
+        were."""
+        forgiven = False
+        for node in nodes:
+            address = (node.ip, node.port)
+            if self._unreachable.get(address, marked_before) < marked_before:
+                del self._unreachable[address]
+                forgiven = True
+        return forgiven
 
     def _recently_unreachable(self, address: tuple[str, int]) -> bool:
         failed = self._unreachable.get(address)
