@@ -42,6 +42,7 @@ from ._tree import DisseminationTree
 from ._wire import (
     Ack,
     FollowNotice,
+    FrameTooLarge,
     GetPosts,
     Message,
     PostBatch,
@@ -772,7 +773,9 @@ class Peer:
         self, post: Post, tree: list[TreeMember], session: _Session | None = None
     ) -> None:
         """Hand `post` to `tree[0]`, with its subtree to forward; if it cannot be
-        reached after `push_tries`, send to its children instead."""
+        reached after `push_tries`, send to its children instead. A subtree
+        too large for one frame is split: `tree[0]` gets the post alone, and
+        its children are sent their subtrees from here."""
         child = tree[0]
         delay = self.config.push_backoff
         for attempt in range(self.config.push_tries):
@@ -782,6 +785,18 @@ class Peer:
             try:
                 push = PostPush(post=post, fanout=self._tree.fanout, tree=tuple(tree))
                 await self._request((child.host, child.port), push)
+                return
+            except FrameTooLarge as exc:
+                if len(tree) == 1:  # Limits.max_frame_size below a post's size
+                    log.warning("cannot push to %s: %s", child.name, exc)
+                    return
+                await asyncio.gather(
+                    self._push(post, [child], session),
+                    *(
+                        self._push(post, sub, session)
+                        for sub in self._tree.children(tree)
+                    ),
+                )
                 return
             except (PeerUnreachable, ProtocolError) as exc:
                 log.info("push to %s failed (try %d): %s", child.name, attempt + 1, exc)

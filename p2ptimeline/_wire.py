@@ -27,6 +27,7 @@ __all__ = [
     "FollowNotice",
     "Frame",
     "FrameDecoder",
+    "FrameTooLarge",
     "GetPosts",
     "Message",
     "PostBatch",
@@ -198,17 +199,25 @@ _FIELD_OF: dict[type, str] = {
 }
 
 
+class FrameTooLarge(ProtocolError):
+    """A frame of ours would exceed the frame size limit; nothing was sent.
+
+    A `ProtocolError`, since the receiver would refuse it as one; its own
+    type lets a sender split what it sends instead of retrying.
+    """
+
+
 def encode_frame(
     serializer: Serializer, frame: Frame, max_size: int = DEFAULT_MAX_FRAME_SIZE
 ) -> bytes:
     """A frame as bytes for the stream: length prefix and body.
 
     Raises:
-        ProtocolError: The encoded frame is larger than `max_size`.
+        FrameTooLarge: The encoded frame is larger than `max_size`.
     """
     body = serializer.encode(frame)
     if len(body) > max_size:
-        raise ProtocolError(f"frame of {len(body)} bytes exceeds {max_size}")
+        raise FrameTooLarge(f"frame of {len(body)} bytes exceeds {max_size}")
     return _LENGTH.pack(len(body)) + body
 
 

@@ -12,7 +12,15 @@ import attrs
 import pytest
 
 import p2ptimeline as pt
-from p2ptimeline._wire import FollowNotice, Message, PostBatch, PostPush, TreeMember
+from p2ptimeline._wire import (
+    FollowNotice,
+    Frame,
+    Message,
+    PostBatch,
+    PostPush,
+    TreeMember,
+    encode_frame,
+)
 from p2ptimeline.testing import NtpServer, crash, eventually
 
 FAST = pt.PeerConfig(seal_cost=10, ksize=8, lease=30.0, pull_interval=3600.0)
@@ -102,6 +110,30 @@ async def test_post_reaches_every_online_follower(peers: PeerFactory) -> None:
     await eventually(lambda: all_hold(fans, post))
     assert len(sent) <= FAST.fanout
     assert (await fans[7].timeline())[0] == post
+
+
+async def test_a_subtree_too_large_for_a_frame_is_split(peers: PeerFactory) -> None:
+    """When the author's subtrees do not fit in a frame, it sends each child
+    the post alone and pushes the children's subtrees itself: every follower
+    still gets the post pushed, none is taken for unreachable."""
+    star, *fans = await star_and_fans(peers, 20)
+    post = await star.post("small enough")  # connections opened: limits copied
+    await eventually(lambda: all_hold(fans, post))
+    four = tuple(TreeMember(name=f"fan{i}", host="127.0.0.1", port=1) for i in range(4))
+    push = Frame.of(PostPush(post=post, fanout=2, tree=four), request_id=1)
+    size = len(encode_frame(pt.CborSerializer(), push)) + 100  # 4 or 5 fit, not 10
+    limits = attrs.evolve(star.config.limits, max_frame_size=size)
+    assert star._pool is not None
+    star._pool._limits = limits
+    for connection in star._pool._connections.values():
+        connection._limits = limits
+    sent = count_pushes(star)
+    post = await star.post("to a tree that does not fit in one frame")
+    await eventually(lambda: all_hold(fans, post))
+    assert len(sent) > FAST.fanout  # split: more than k frames from the author
+    assert star._session is not None
+    directory = star._session.directory
+    assert [n for n in directory.names() if directory.get(n).unreachable_seq] == []  # type: ignore[union-attr]
 
 
 async def test_unfollow_stops_delivery(peers: PeerFactory) -> None:
