@@ -747,7 +747,7 @@ class Peer:
         host, port = self.address
         me = TreeMember(name=session.username, host=host, port=port)
         subtrees = self._tree.plan(me, members, post_id=post.id, key=_name)
-        await asyncio.gather(*(self._push(post, tree, session) for tree in subtrees))
+        await self._push_all(post, subtrees, self._tree, session)
 
     async def _online_followers(self, session: _Session) -> list[TreeMember]:
         """The followers to send a post to, refreshing stale presence first."""
@@ -769,13 +769,28 @@ class Peer:
             if f.presence is not None
         ]
 
+    async def _push_all(
+        self,
+        post: Post,
+        subtrees: list[list[TreeMember]],
+        shape: DisseminationTree,
+        session: _Session | None = None,
+    ) -> None:
+        """Push `post` down each of `subtrees`, trees of `shape`'s arity."""
+        await asyncio.gather(*(self._push(post, t, shape, session) for t in subtrees))
+
     async def _push(
-        self, post: Post, tree: list[TreeMember], session: _Session | None = None
+        self,
+        post: Post,
+        tree: list[TreeMember],
+        shape: DisseminationTree,
+        session: _Session | None = None,
     ) -> None:
         """Hand `post` to `tree[0]`, with its subtree to forward; if it cannot be
         reached after `push_tries`, send to its children instead. A subtree
         too large for one frame is split: `tree[0]` gets the post alone, and
-        its children are sent their subtrees from here."""
+        its children are sent their subtrees from here. Failed followers of
+        the logged-in user (`session`) are marked unreachable."""
         child = tree[0]
         delay = self.config.push_backoff
         for attempt in range(self.config.push_tries):
@@ -783,28 +798,21 @@ class Peer:
                 await asyncio.sleep(delay)
                 delay *= 2
             try:
-                push = PostPush(post=post, fanout=self._tree.fanout, tree=tuple(tree))
+                push = PostPush(post=post, fanout=shape.fanout, tree=tuple(tree))
                 await self._request((child.host, child.port), push)
                 return
             except FrameTooLarge as exc:
                 if len(tree) == 1:  # Limits.max_frame_size below a post's size
                     log.warning("cannot push to %s: %s", child.name, exc)
                     return
-                await asyncio.gather(
-                    self._push(post, [child], session),
-                    *(
-                        self._push(post, sub, session)
-                        for sub in self._tree.children(tree)
-                    ),
-                )
+                split = [[child], *shape.children(tree)]
+                await self._push_all(post, split, shape, session)
                 return
             except (PeerUnreachable, ProtocolError) as exc:
                 log.info("push to %s failed (try %d): %s", child.name, attempt + 1, exc)
         if session is not None:
             session.directory.mark_unreachable(child.name)
-        await asyncio.gather(
-            *(self._push(post, sub, session) for sub in self._tree.children(tree))
-        )
+        await self._push_all(post, shape.children(tree), shape, session)
 
     # Requests from other peers
 
@@ -828,8 +836,8 @@ class Peer:
         return Refusal(reason=f"unexpected {type(message).__name__}")
 
     async def _on_push(self, push: PostPush) -> Message:
-        if not push.tree or push.fanout != self._tree.fanout:
-            raise ProtocolError("malformed dissemination tree")
+        if not push.tree:
+            raise ProtocolError("empty dissemination tree")
         post = push.post
         post.verify(await self._public_key(post.author))
         session = self._session
@@ -842,13 +850,11 @@ class Peer:
             self._forwarded[handed] = None
             if len(self._forwarded) > _FORWARD_MEMORY:
                 self._forwarded.popitem(last=False)
-            self._spawn(self._forward(post, list(push.tree)))
+            # The tree's arity is the author's (`PostPush.fanout`), not ours.
+            shape = DisseminationTree(push.fanout)
+            subtrees = shape.children(list(push.tree))
+            self._spawn(self._push_all(post, subtrees, shape))
         return Ack()
-
-    async def _forward(self, post: Post, tree: list[TreeMember]) -> None:
-        await asyncio.gather(
-            *(self._push(post, sub) for sub in self._tree.children(tree))
-        )
 
     async def _on_get(self, request: GetPosts) -> Message:
         limit = min(request.limit, _PAGE)

@@ -136,6 +136,22 @@ async def test_a_subtree_too_large_for_a_frame_is_split(peers: PeerFactory) -> N
     assert [n for n in directory.names() if directory.get(n).unreachable_seq] == []  # type: ignore[union-attr]
 
 
+async def test_followers_forward_with_the_authors_fanout(peers: PeerFactory) -> None:
+    """Peers configured with another fanout than the author's forward its
+    tree as planned (the arity travels in each push): the author still sends
+    only k frames."""
+    (star,) = await peers(1)
+    fans = await peers(12, config=attrs.evolve(FAST, fanout=3))
+    await star.register("star", "pw")
+    for i, fan in enumerate(fans):
+        await fan.register(f"fan{i}", "pw")
+        await fan.follow("star")
+    sent = count_pushes(star)
+    post = await star.post("whatever your fanout")
+    await eventually(lambda: all_hold(fans, post))
+    assert len(sent) == FAST.fanout
+
+
 async def test_unfollow_stops_delivery(peers: PeerFactory) -> None:
     """After an unfollow, the user gets no more posts of the former followee."""
     star, *fans = await star_and_fans(peers, 20)
