@@ -157,37 +157,65 @@ async def churn(world: World, seconds: float, post_rate: float) -> None:
 
 
 @attrs.frozen
-class Tally:
-    """What a set of users hold of the posts they should."""
+class Holding:
+    """What one user holds of the posts it should."""
 
     expected: int
     delivered: int
     lost: int
-    """Posts their authors made but no longer hold."""
+    """Posts the user made but no longer holds."""
     missing: collections.Counter[str]
     """Posts not held, by author."""
 
+
+@attrs.frozen
+class Tally:
+    """What a set of users hold of the posts they should."""
+
+    users: dict[str, Holding]
+
+    @property
+    def expected(self) -> int:
+        return sum(h.expected for h in self.users.values())
+
+    @property
+    def delivered(self) -> int:
+        return sum(h.delivered for h in self.users.values())
+
+    @property
+    def lost(self) -> int:
+        return sum(h.lost for h in self.users.values())
+
+    @property
+    def missing(self) -> collections.Counter[str]:
+        return sum((h.missing for h in self.users.values()), collections.Counter())
+
+    def incomplete(self) -> list[str]:
+        """The users that miss some post."""
+        return [n for n, h in self.users.items() if h.delivered < h.expected]
+
     def share(self) -> str:
-        share = 100 * self.delivered / self.expected if self.expected else 100.0
-        return f"{share:.2f}% ({self.delivered}/{self.expected})"
+        expected, delivered = self.expected, self.delivered
+        share = 100 * delivered / expected if expected else 100.0
+        return f"{share:.2f}% ({delivered}/{expected})"
 
 
-async def tally(world: World, names: list[str]) -> Tally:
+async def tally(world: World, names: list[str], since: Tally | None = None) -> Tally:
     """Count, for `names`, the posts of their followees they hold, and their
-    own posts they lost."""
-    expected = delivered = lost = 0
-    missing: collections.Counter[str] = collections.Counter()
+    own posts they lost; the others' counts come from `since`."""
+    users = dict(since.users) if since else {}
     for name in names:
         held = {p.id for p in await world.peers[name].timeline(limit=1_000_000)}
-        lost += len(set(world.posts[name]) - held)
-        for followee in world.following[name]:
-            for post_id in world.posts[followee]:
-                expected += 1
-                if post_id in held:
-                    delivered += 1
-                else:
-                    missing[followee] += 1
-    return Tally(expected, delivered, lost, missing)
+        missing = collections.Counter(
+            followee
+            for followee in world.following[name]
+            for post_id in world.posts[followee]
+            if post_id not in held
+        )
+        expected = sum(len(world.posts[f]) for f in world.following[name])
+        lost = len(set(world.posts[name]) - held)
+        users[name] = Holding(expected, expected - missing.total(), lost, missing)
+    return Tally(users)
 
 
 async def main() -> None:
@@ -247,9 +275,9 @@ async def main() -> None:
         mark = time.monotonic()
         online = world.online()
         live = await tally(world, online)
-        while live.delivered < live.expected and time.monotonic() - mark < 31:
-            await asyncio.sleep(1.0)  # pulls run every 30 s: poll
-            live = await tally(world, online)
+        while live.incomplete() and time.monotonic() - mark < 31:
+            await asyncio.sleep(1.0)  # pulls run every 30 s: poll those missing
+            live = await tally(world, live.incomplete(), since=live)
         settle = time.monotonic() - mark
 
         # Everyone comes back and syncs, until nothing is missing or a sync
