@@ -93,3 +93,23 @@ def test_a_full_bucket_pings_its_head_only_when_it_has_been_silent() -> None:
     table._heard.clear()  # as if both had been silent for long
     table.add_contact(far(0x82))
     assert [n.id for n in protocol.pinged] == [head.id]
+
+
+def test_the_most_silent_head_is_the_one_to_ping() -> None:
+    """Of the buckets' least recently seen contacts, the one silent the
+    longest is pinged, once it has been silent for the given time."""
+    table = _RoutingTable(_NoProtocol(), 2, Node(bytes(20)))
+    near = Node(bytes(19) + b"\x05", "127.0.0.1", 1)
+    far = [Node(bytes([b]) + bytes(18) + b"\x01", "127.0.0.1", b) for b in (0x80, 0xC0)]
+    for node in (near, *far):
+        table.add_contact(node)
+        table.heard_from(node)
+    assert len({table.get_bucket_for(n) for n in (near, *far)}) > 1
+    assert table.most_silent_head(60) is None  # all heard from just now
+    table._heard[far[0].id] -= 120
+    table._heard[near.id] -= 90
+    assert table.most_silent_head(60) == far[0]
+    assert table.most_silent_head(100) == far[0]
+    assert table.most_silent_head(150) is None
+    table.heard_from(far[0])  # it answered: now the tail of its bucket
+    assert table.most_silent_head(60) == near
