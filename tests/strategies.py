@@ -30,6 +30,7 @@ claims = st.builds(
     username=usernames,
     sealed_key=st.binary(max_size=200),
     seq=st.integers(0, 2**63 - 1),
+    withdrawn=st.booleans(),
 )
 presences = st.builds(
     pt.Presence.create,
