@@ -170,8 +170,8 @@ class Peer:
     ) -> None:
         if advertised_host is None and _is_wildcard(host):
             raise UsageError(
-                f"listening on every interface ({host!r}) needs advertised_host: "
-                "the address other peers reach this one at"
+                f"listening on every interface ({host!r}) needs an advertised "
+                "host: the address other peers reach this one at"
             )
         self.config = config or PeerConfig()
         self._host = host

@@ -219,6 +219,16 @@ async def test_errors_are_one_line_and_exit_1(network: list[str]) -> None:
     code, out, err = await run("--log-level", "ERROR", "-c", "register x pw")
     assert (code, err) == (1, "error: nobody reachable (no DHT node answered)\n")
 
+    code, out, err = await run(*network, "--host", "0.0.0.0", "-c", "help")
+    assert code == 1
+    assert err.startswith("error: cannot start the peer: listening on every")
+    assert err.count("\n") == 1
+    assert "needs an advertised host" in err
+    code, out, err = await run(
+        *network, "--host", "0.0.0.0", "--advertise", "127.0.0.1", "-c", "help"
+    )
+    assert (code, err) == (0, "")
+
 
 class Pty:
     """The master side of a pseudo-terminal, read in the background."""

@@ -503,7 +503,7 @@ async def test_a_peer_on_every_interface_is_reached_at_its_advertised_host(
         his = await bob.post("to every interface")
         await eventually(lambda: holds(alice, his))
     for wildcard in ("0.0.0.0", "::"):
-        with pytest.raises(pt.UsageError, match="advertised_host"):
+        with pytest.raises(pt.UsageError, match="needs an advertised host"):
             pt.Peer(wildcard, 0)
 
 
