@@ -233,7 +233,7 @@ class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
         # bucket by bucket, which are not the k closest by XOR distance.
         k = k or self.ksize
         target = node.long_id
-        self.contacts()
+        self.contacts()  # rebuilds the sorted ids if the table changed
         ids, by_id = self._sorted_ids, self._by_long_id
         home = None if exclude is None else (exclude.ip, exclude.port)
         nearest = [

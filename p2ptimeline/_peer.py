@@ -880,16 +880,10 @@ class Peer:
         entry.verify()
         if await self._public_key(entry.follower) != entry.follower_key:
             raise InvalidRecord(f"entry not signed by {entry.follower}")
-        directory = session.directory
-        change = directory.apply(entry)
-        if change is not None:
-            session.notifications.append(_notice(change, entry))
-            await self._store.save_relation(
-                session.username, "followers", directory.names()
-            )
+        await self._take_follow_entries(session, [entry])
         if entry.following and notice.presence is not None:
             notice.presence.verify()
-            directory.update_presence(entry.follower, notice.presence)
+            session.directory.update_presence(entry.follower, notice.presence)
         return Ack()
 
     async def _reread_followers(self) -> None:
@@ -897,6 +891,13 @@ class Peer:
         sent once; the registry holds every entry)."""
         session = self._require_session()
         entries = await self.registry.get_follow_entries(session.username, "followers")
+        await self._take_follow_entries(session, entries)
+
+    async def _take_follow_entries(
+        self, session: _Session, entries: Iterable[FollowEntry]
+    ) -> None:
+        """Apply verified follow entries of the user's followers, oldest
+        first; note each change, and save the followers if any changed."""
         changed = False
         for entry in sorted(entries, key=lambda e: e.timestamp):
             change = session.directory.apply(entry)
