@@ -428,14 +428,17 @@ class DhtRegistry:
         return frozenset(e.followee for e in entries if e.following)
 
     async def get_follow_entries(
-        self, username: str, relation: SetRelation
+        self, username: str, relation: SetRelation, *, verify_names: bool = True
     ) -> tuple[FollowEntry, ...]:
         """The current entry (a follow or an unfollow) of each member of a set.
 
         Every entry is verified: signed by its follower, and for
-        ``"followers"`` by the key that owns the follower's name. Entries
-        newer than a user's last session are the follows and unfollows that
-        happened while the user was away: notifications are made of them.
+        ``"followers"`` by the key that owns the follower's name (unless
+        `verify_names` is false: for a caller that uses only the followers'
+        keys, which the signatures already prove, and need not pay a name
+        lookup per follower). Entries newer than a user's last session are
+        the follows and unfollows that happened while the user was away:
+        notifications are made of them.
 
         Raises:
             UnknownUser: `username` is not registered.
@@ -446,7 +449,7 @@ class DhtRegistry:
         if claim is None:
             raise UnknownUser(f"no user {username!r}")
         entries = await self._started_sets().read(relation, claim.public_key)
-        if relation == "followers":
+        if relation == "followers" and verify_names:
             entries = await self._with_true_names(entries)
         return entries
 
