@@ -9,6 +9,7 @@ shown as they arrive, above the line you are typing.
 Passwords are never typed on the command line. On a terminal they are asked
 for without echo. When the commands come from a pipe or a file (stdin is not
 a terminal), the line after ``register NAME`` or ``login NAME`` is the
+password, and the two lines after ``passwd`` are the current and the new
 password::
 
     printf 'register alice\\nmy password\\npost hello\\n' | python examples/cli.py ...
@@ -47,6 +48,7 @@ HELP = """\
 commands:
   register NAME       create user NAME (asks for a password) and log in
   login NAME          log in as NAME, on this or any peer (asks for the password)
+  passwd              change your password (asks for the current and a new one)
   logout              log out
   follow NAME         receive NAME's posts
   unfollow NAME       stop receiving NAME's posts
@@ -548,6 +550,7 @@ class Shell:
         self._commands: dict[str, Callable[[list[str], str], Awaitable[None]]] = {
             "register": self.register,
             "login": self.login,
+            "passwd": self.passwd,
             "logout": self.logout,
             "follow": self.follow,
             "unfollow": self.unfollow,
@@ -614,6 +617,29 @@ class Shell:
             f" ({len(news)} notification{'s' if len(news) > 1 else ''})" if news else ""
         )
         self.console.out(f"logged in as {name}{more}")
+
+    async def passwd(self, args: list[str], line: str) -> None:
+        if self.console.interactive:
+            _arguments(args, 0, 0, "passwd, then type the passwords when asked")
+            if self.peer.username is None:
+                raise pt.NotLoggedIn("no user is logged in")
+        # Without a terminal the next two lines are the passwords: read them
+        # even if the command is wrong, so that they are never run (nor shown).
+        current = await self.console.password("current password: ")
+        new = await self.console.password("new password: ")
+        if self.console.interactive and new != await self.console.password(
+            "same new password again: "
+        ):
+            raise CommandError("the passwords differ")
+        _arguments(args, 0, 0, "passwd (the passwords on the next two lines)")
+        try:
+            await self.peer.change_password(current, new)
+        except pt.AuthError as exc:
+            raise CommandError(str(exc)) from exc
+        self.console.out(
+            "password changed (a copy of the old sealed key, taken before, "
+            "still opens with the old password)"
+        )
 
     async def _credentials(
         self, line: str, usage: str, *, confirm: bool
@@ -970,7 +996,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar='"CMD; CMD"',
         help="run these commands, separated by ';', instead of reading stdin",
     )
-    # Advanced: the scrypt cost of sealing keys; tests make it cheap.
+    # Advanced: the cost of sealing keys (log2 of the Argon2id memory in KiB);
+    # tests make it cheap.
     parser.add_argument(
         "--seal-cost",
         type=int,

@@ -31,7 +31,7 @@ from ._errors import (
     UsageError,
 )
 from ._hlc import HybridLogicalClock
-from ._identity import DEFAULT_LOG2_N, Identity
+from ._identity import DEFAULT_SEAL_COST, Identity, check_password
 from ._memory_store import MemoryStore
 from ._models import FollowEntry, HybridTimestamp, Post, Presence, check_username
 from ._registry import DhtRegistry
@@ -91,8 +91,10 @@ class PeerConfig:
     """Posts stamped further than this in the future are refused."""
     incoming_buffer: int = 1000
     """Posts buffered per `incoming()` iterator; the oldest are dropped beyond."""
-    seal_cost: int = DEFAULT_LOG2_N
-    """scrypt cost exponent for sealing the private key (see `Identity.seal`)."""
+    seal_cost: int = DEFAULT_SEAL_COST
+    """Cost of sealing the private key: log2 of the Argon2id memory in KiB, from
+    10 (1 MiB, for tests) to 18 (256 MiB); the default, 16, is 64 MiB (see
+    `Identity.seal`). Every login, and every offline guess, pays it once."""
     ksize: int = 20
     """Kademlia's k for the registry."""
     alpha: int = 3
@@ -330,22 +332,38 @@ class Peer:
 
     # Accounts
 
-    async def register(self, username: str, password: str) -> None:
+    async def register(
+        self, username: str, password: str, *, publish_key: bool = True
+    ) -> None:
         """Create a user: a new identity, a claim of the name, then log in.
+
+        Args:
+            username: The name to claim.
+            password: Seals the private key. Refused: an empty password, one
+                shorter than 8 characters, one made of the username, a
+                well-known one, a run or repetition of characters.
+            publish_key: Publish the sealed key in the name's claim, so that
+                the user can log in on any peer. False keeps it in this
+                peer's store only: nobody can read it from the DHT and guess
+                the password offline, and the user can log in only on a peer
+                whose store holds it.
 
         Raises:
             UsernameTaken: The name is taken.
-            UsageError: The name is invalid, or a user is logged in here.
+            UsageError: The name or the password is refused (the message says
+                why), or a user is logged in here.
             RegistryUnavailable: No DHT node could be reached.
         """
         self._check_logged_out()
         if not check_username(username):
             raise UsageError(f"invalid username {username!r}")
+        check_password(password, username)
         identity = Identity.generate()
         sealed = await asyncio.to_thread(
-            identity.seal, password, log2_n=self.config.seal_cost
+            identity.seal, password, cost=self.config.seal_cost
         )
-        await self.registry.claim_username(username, identity, sealed)
+        published = sealed if publish_key else b""
+        await self.registry.claim_username(username, identity, published)
         await self._store.save_identity(
             StoredIdentity(
                 username=username, public_key=identity.public_key, sealed_key=sealed
@@ -356,13 +374,17 @@ class Peer:
     async def login(self, username: str, password: str) -> None:
         """Log in, on any peer: the sealed identity comes from the DHT if need be.
 
-        Logging in publishes the user's presence, collects the follows and
-        unfollows that happened while away (`notifications`), applies the
-        retention policy and pulls the posts missed from followees.
+        The sealed key published in the name's claim is the one opened; a
+        user who registered with ``publish_key=False`` publishes none, and
+        logs in with the one kept in this peer's store. Logging in publishes
+        the user's presence, collects the follows and unfollows that happened
+        while away (`notifications`), applies the retention policy and pulls
+        the posts missed from followees.
 
         Raises:
             UnknownUser: No such user.
-            AuthError: Wrong password.
+            AuthError: Wrong password, or no sealed key to open: the user
+                publishes none and this peer's store holds none.
             UsageError: A user is already logged in here.
             RegistryUnavailable: No DHT node could be reached.
         """
@@ -372,26 +394,72 @@ class Peer:
         record = await self.registry.get_user(username)
         if record is None:
             raise UnknownUser(f"no user {username!r}")
-        stored = await self._store.load_identity(username)
-        blobs = [record.sealed_key]
-        if stored is not None and stored.public_key == record.public_key:
-            blobs.insert(0, stored.sealed_key)
-        for blob in blobs:
-            try:
-                identity = await asyncio.to_thread(Identity.unseal, blob, password)
-            except (AuthError, RemoteError):
-                continue
-            if identity.public_key == record.public_key:
-                await self._store.save_identity(
-                    StoredIdentity(
-                        username=username,
-                        public_key=record.public_key,
-                        sealed_key=record.sealed_key,
-                    )
+        blob = record.sealed_key
+        if not blob:
+            stored = await self._store.load_identity(username)
+            if stored is None or stored.public_key != record.public_key:
+                raise AuthError(
+                    f"{username!r} does not publish a sealed key: log in on a "
+                    "peer that holds it (where the user registered)"
                 )
-                await self._begin_session(username, identity)
-                return
-        raise AuthError("wrong password")
+            blob = stored.sealed_key
+        try:
+            identity = await asyncio.to_thread(Identity.unseal, blob, password)
+        except RemoteError as exc:
+            raise AuthError(f"the sealed key cannot be opened: {exc}") from exc
+        if identity.public_key != record.public_key:
+            raise AuthError("the sealed key does not match the registered key")
+        if record.sealed_key:
+            await self._store.save_identity(
+                StoredIdentity(
+                    username=username,
+                    public_key=record.public_key,
+                    sealed_key=record.sealed_key,
+                )
+            )
+        await self._begin_session(username, identity)
+
+    async def change_password(self, old: str, new: str) -> None:
+        """Seal the logged-in user's key under a new password.
+
+        The new sealed key replaces the old one in this peer's store and, if
+        the user publishes it, in the name's claim (a claim with a higher
+        `seq`), so that logins on any peer take the new password. The key
+        itself stays the same: a copy of the old sealed key, taken from the
+        DHT or a peer's store before the change, still opens with the old
+        password. Change the password to stop a password known to others
+        from working from now on; it does not undo a leak of the key.
+
+        Raises:
+            NotLoggedIn: Nobody is logged in.
+            AuthError: `old` is not the user's password.
+            UsageError: `new` is refused (the message says why).
+            UnknownUser: The registry lost the user's claim; nothing changed.
+            RegistryUnavailable: No DHT node could be reached; nothing changed.
+        """
+        session = self._require_session()
+        username, identity = session.username, session.identity
+        check_password(new, username)
+        stored = await self._store.load_identity(username)
+        if stored is None or stored.public_key != identity.public_key:
+            raise AuthError(f"this peer's store holds no sealed key of {username!r}")
+        try:
+            await asyncio.to_thread(Identity.unseal, stored.sealed_key, old)
+        except AuthError as exc:
+            raise AuthError("the current password is wrong") from exc
+        except RemoteError as exc:
+            raise AuthError(f"the sealed key cannot be opened: {exc}") from exc
+        record = await self.registry.get_user(username)
+        if record is None:
+            raise UnknownUser(f"the registry lost the claim of {username!r}")
+        sealed = await asyncio.to_thread(identity.seal, new, cost=self.config.seal_cost)
+        if record.sealed_key:  # published: publish the new one instead
+            await self.registry.claim_username(username, identity, sealed)
+        await self._store.save_identity(
+            StoredIdentity(
+                username=username, public_key=identity.public_key, sealed_key=sealed
+            )
+        )
 
     async def logout(self) -> None:
         """Publish that the user is offline and end the session.
