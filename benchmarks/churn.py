@@ -75,11 +75,11 @@ class World:
         try:
             if new:
                 try:
-                    await peer.register(name, "pw")
+                    await peer.register(name, "correct horse")
                 except pt.UsernameTaken:  # an earlier try claimed it, then failed
-                    await peer.login(name, "pw")
+                    await peer.login(name, "correct horse")
             else:
-                await peer.login(name, "pw")
+                await peer.login(name, "correct horse")
         except BaseException:
             await peer.stop()
             raise

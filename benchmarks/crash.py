@@ -53,7 +53,7 @@ from crash_probe import Probe
 import p2ptimeline as pt
 
 CONFIG = pt.PeerConfig(seal_cost=10, ksize=8, pull_interval=3600.0)
-AUTHOR, READER, PASSWORD = "author", "reader", "pw"
+AUTHOR, READER, PASSWORD = "author", "reader", "correct horse"
 KILLS = ("at once", "1-20 ms later", "with a post in flight")
 CATCH_UP_DEADLINE = 30.0
 

@@ -371,13 +371,13 @@ async def start_network(
     mark = time.perf_counter()
     names = {p: f"fan{i}" for i, p in enumerate(peers)}
     names[peers[0]] = "author"
-    await peers[0].register("author", "pw")
+    await peers[0].register("author", "correct horse")
 
     async def register(peer: pt.Peer) -> None:
         try:
-            await peer.register(names[peer], "pw")
+            await peer.register(names[peer], "correct horse")
         except pt.UsernameTaken:  # a try that failed after claiming the name
-            await peer.login(names[peer], "pw")
+            await peer.login(names[peer], "correct horse")
 
     lost = await with_retries(register, peers[1:], SETUP_CONCURRENCY, errors)
     timings["register"] = time.perf_counter() - mark
@@ -584,11 +584,11 @@ async def catch_up(
         if lookups >= 0:
             await warm_up(peers, lookups, seed)
         await bounded(
-            lambda i: authors[i].register(f"author{i}", "pw"),
+            lambda i: authors[i].register(f"author{i}", "correct horse"),
             range(followees),
             SETUP_CONCURRENCY,
         )
-        await reader.register("reader", "pw")
+        await reader.register("reader", "correct horse")
         await bounded(
             lambda i: reader.follow(f"author{i}"), range(followees), SETUP_CONCURRENCY
         )
@@ -606,7 +606,7 @@ async def catch_up(
             await wait_until(lambda: not any(a._tasks for a in authors), 60.0)
             posting_s = time.perf_counter() - mark
             mark = time.perf_counter()
-            await reader.login("reader", "pw")
+            await reader.login("reader", "correct horse")
             login_s = time.perf_counter() - mark
             total = len(await reader.timeline(limit=(rounds + 1) * followees * 1000))
             results.append(

@@ -34,12 +34,14 @@ async def test_killed_after_post_loses_nothing_and_catches_up(
     async with pt.Peer(
         "127.0.0.1", 0, [boot.address], clock=pt.ClockSync(servers=[]), config=CONFIG
     ) as friend:
-        await friend.register("friend", "pw")
+        await friend.register("friend", "correct horse")
         data_dir = tmp_path / "author"
         acknowledged: list[str] = []
         missed: list[str] = []
         for round_ in range(4):
-            probe = await Probe.start(data_dir, boot.address, "author", "pw", "friend")
+            probe = await Probe.start(
+                data_dir, boot.address, "author", "correct horse", "friend"
+            )
             held = await probe.line("held")
             timeline = await probe.line("timeline")
             assert set(acknowledged) <= set(held), "an acknowledged post was lost"
@@ -56,7 +58,9 @@ async def test_killed_after_post_loses_nothing_and_catches_up(
                 (await friend.post(f"while author is dead, {round_}")).id.hex()
             )
         # It comes back and serves: the friend pulls every acknowledged post.
-        probe = await Probe.start(data_dir, boot.address, "author", "pw", "friend")
+        probe = await Probe.start(
+            data_dir, boot.address, "author", "correct horse", "friend"
+        )
         await probe.line("held")
         await friend.sync()
         ids = {p.id.hex() for p in await friend.timeline(limit=1000)}

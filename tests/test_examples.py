@@ -106,7 +106,7 @@ class Alice:
     async def start(cls, network: list[str], first: str) -> Alice:
         """Start the peer and run `first` (register or login) on it."""
         alice = cls(await spawn("cli.py", *CHEAP, *network))
-        await alice.send(f"{first} alice\nalice's pw", r"in as alice")
+        await alice.send(f"{first} alice\nalice's password", r"in as alice")
         return alice
 
     async def send(self, lines: str, expect: str) -> str:
@@ -157,11 +157,15 @@ async def test_bootstrap_reports_a_taken_port() -> None:
 
 async def test_scripted_clients_follow_post_and_read(network: list[str]) -> None:
     """Driven by -c and stdin, bob follows alice and reads her post in his timeline."""
-    code, out, err = await run(*network, "-c", "register alice alice's pw; logout")
+    code, out, err = await run(
+        *network, "-c", "register alice alice's password; logout"
+    )
     assert (code, err) == (0, ""), err
     assert out.splitlines() == ["registered and logged in as alice", "logged out"]
 
-    code, out, err = await run(*network, stdin="register bob\nbob's pw\nfollow alice\n")
+    code, out, err = await run(
+        *network, stdin="register bob\nbob's password\nfollow alice\n"
+    )
     assert (code, err) == (0, ""), err
     assert out.splitlines() == ["registered and logged in as bob", "following alice"]
 
@@ -172,7 +176,7 @@ async def test_scripted_clients_follow_post_and_read(network: list[str]) -> None
         async with asyncio.timeout(20):
             while True:  # bob pulls from alice at login
                 code, out, err = await run(
-                    *network, "-c", "login bob bob's pw; sync; timeline"
+                    *network, "-c", "login bob bob's password; sync; timeline"
                 )
                 assert (code, err) == (0, ""), err
                 if "hello from alice" in out:
@@ -185,11 +189,11 @@ async def test_scripted_clients_follow_post_and_read(network: list[str]) -> None
 
 async def test_errors_are_one_line_and_exit_1(network: list[str]) -> None:
     """Unknown user, wrong password, unknown command: one line each, exit code 1."""
-    code, _, err = await run(*network, "-c", "register carol pw")
+    code, _, err = await run(*network, "-c", "register carol correct horse")
     assert (code, err) == (0, "")
 
     cases = [
-        (["-c", "login dave pw"], "", ["error: unknown user 'dave'"]),
+        (["-c", "login dave correct horse"], "", ["error: unknown user 'dave'"]),
         ([], "login carol\nnot her pw\n", ["error: wrong password"]),
         (
             ["-c", "follow nobody"],
@@ -213,10 +217,10 @@ async def test_errors_are_one_line_and_exit_1(network: list[str]) -> None:
     # carol's claim can answer after the fresh peers, and claim_username then
     # lets a second claim through (a library bug, reported; the unit of this
     # test is the CLI's message).
-    code, _, err = await run(*network, "-c", "register carol pw")
+    code, _, err = await run(*network, "-c", "register carol correct horse")
     assert (code, err) == (1, "error: the name 'carol' is taken\n")
 
-    code, out, err = await run("--log-level", "ERROR", "-c", "register x pw")
+    code, out, err = await run("--log-level", "ERROR", "-c", "register x correct horse")
     assert (code, err) == (1, "error: nobody reachable (no DHT node answered)\n")
 
     code, out, err = await run(*network, "--host", "0.0.0.0", "-c", "help")

@@ -51,7 +51,7 @@ async def target() -> AsyncIterator[Target]:
         "127.0.0.1", 0, [boot.address], clock=pt.ClockSync(servers=[]), config=CONFIG
     )
     await peer.start()
-    await peer.register("victim", "pw")
+    await peer.register("victim", "correct horse")
     post = await peer.post("still here")
     yield Target(boot, peer, post)
     await peer.stop()

@@ -26,8 +26,8 @@ async def main():
         return pt.Peer("127.0.0.1", 0, [boot.address], clock=clock, config=config)
 
     async with peer() as a, peer() as b:
-        await a.register("alice", "pw")
-        await b.register("bob", "pw")
+        await a.register("alice", "correct horse")
+        await b.register("bob", "correct horse")
         await b.follow("alice")
         stream = b.incoming()
         post = await a.post("hello from the wheel")

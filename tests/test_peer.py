@@ -79,9 +79,9 @@ async def star_and_fans(
 ) -> list[pt.Peer]:
     """An author ("star") and `fans` followers, all logged in."""
     net = await peers(fans + 1, **options)
-    await net[0].register("star", "pw")
+    await net[0].register("star", "correct horse")
     for i, fan in enumerate(net[1:]):
-        await fan.register(f"fan{i}", "pw")
+        await fan.register(f"fan{i}", "correct horse")
         await fan.follow("star")
     return net
 
@@ -142,9 +142,9 @@ async def test_followers_forward_with_the_authors_fanout(peers: PeerFactory) -> 
     only k frames."""
     (star,) = await peers(1)
     fans = await peers(12, config=attrs.evolve(FAST, fanout=3))
-    await star.register("star", "pw")
+    await star.register("star", "correct horse")
     for i, fan in enumerate(fans):
-        await fan.register(f"fan{i}", "pw")
+        await fan.register(f"fan{i}", "correct horse")
         await fan.follow("star")
     sent = count_pushes(star)
     post = await star.post("whatever your fanout")
@@ -173,7 +173,7 @@ async def test_offline_follower_catches_up_at_login(peers: PeerFactory) -> None:
     await away.logout()
     posts = [await star.post(f"post {i}") for i in range(5)]
     await eventually(lambda: all_hold(fans[4:], posts[-1]))
-    await away.login("fan3", "pw")
+    await away.login("fan3", "correct horse")
     assert [p.id for p in await away.timeline()] == [p.id for p in reversed(posts)]
 
 
@@ -184,7 +184,7 @@ async def test_catch_up_pages_fit_in_a_frame(peers: PeerFactory) -> None:
     await fan.logout()
     text = "\N{GRINNING FACE}" * pt.MAX_POST_CHARS  # 4 bytes a character
     posts = [await star.post(text) for _ in range(600)]
-    await fan.login("fan0", "pw")
+    await fan.login("fan0", "correct horse")
     held = {p.id for p in await fan.timeline(limit=1000)}
     assert held == {p.id for p in posts}
 
@@ -199,7 +199,7 @@ async def test_posts_of_an_offline_author_come_from_another_follower(
     post = await star.post("written while you were away")
     await eventually(lambda: all_hold(fans[1:], post))
     await star.logout()
-    await latecomer.login("fan0", "pw")
+    await latecomer.login("fan0", "correct horse")
     assert await holds(latecomer, post)
 
 
@@ -222,9 +222,9 @@ async def test_notifications_of_what_happened_while_away(peers: PeerFactory) -> 
     """Follows and unfollows that happened while away are notified at login."""
     bob, carol, dave, eve, frank, *_ = await peers(20)
     for peer, name in [(bob, "bob"), (carol, "carol"), (dave, "dave")]:
-        await peer.register(name, "pw")
-    await eve.register("eve", "pw")
-    await frank.register("frank", "pw")
+        await peer.register(name, "correct horse")
+    await eve.register("eve", "correct horse")
+    await frank.register("frank", "correct horse")
     await frank.follow("bob")
     await eventually(lambda: _notified(bob, ("follow", "frank")))
     await bob.logout()
@@ -233,7 +233,7 @@ async def test_notifications_of_what_happened_while_away(peers: PeerFactory) -> 
     await eve.follow("bob")
     await eve.unfollow("bob")  # followed and left while bob was away: no news
     await frank.unfollow("bob")
-    await bob.login("bob", "pw")
+    await bob.login("bob", "correct horse")
     notes = {(n.kind, n.user) for n in await bob.notifications()}
     assert notes == {("follow", "carol"), ("follow", "dave"), ("unfollow", "frank")}
 
@@ -245,8 +245,8 @@ async def _notified(peer: pt.Peer, note: tuple[str, str]) -> bool:
 async def test_online_followee_learns_of_a_follow_at_once(peers: PeerFactory) -> None:
     """An online followee is told of a follow directly, and of an unfollow."""
     alice, bob = await peers(2)
-    await alice.register("alice", "pw")
-    await bob.register("bob", "pw")
+    await alice.register("alice", "correct horse")
+    await bob.register("bob", "correct horse")
     await bob.follow("alice")
     assert await _notified(alice, ("follow", "bob"))
     await bob.unfollow("alice")
@@ -260,8 +260,8 @@ async def test_a_lost_follow_notice_is_made_up_from_the_registry(
     the registry: the followee's next posts are pushed to the new follower."""
     (alice,) = await peers(1, config=attrs.evolve(FAST, pull_interval=0.5))
     (bob,) = await peers(1)
-    await alice.register("alice", "pw")
-    await bob.register("bob", "pw")
+    await alice.register("alice", "correct horse")
+    await bob.register("bob", "correct horse")
     assert bob._pool is not None
     request = bob._pool.request
 
@@ -283,11 +283,11 @@ async def test_a_lost_follow_notice_is_made_up_from_the_registry(
 async def test_login_on_a_second_peer(peers: PeerFactory) -> None:
     """The same credentials work on a peer that never saw the user; posts flow."""
     home, away, fan = await peers(3)
-    await home.register("alice", "pw")
-    await fan.register("fan", "pw")
+    await home.register("alice", "correct horse")
+    await fan.register("fan", "correct horse")
     await fan.follow("alice")
     await home.logout()
-    await away.login("alice", "pw")
+    await away.login("alice", "correct horse")
     post = await away.post("from my other machine")
     await eventually(lambda: holds(fan, post))
     assert await away.following("fan") == ["alice"]
@@ -296,17 +296,17 @@ async def test_login_on_a_second_peer(peers: PeerFactory) -> None:
 async def test_wrong_password_and_unknown_user(peers: PeerFactory) -> None:
     """A wrong password is AuthError; an unknown name is UnknownUser."""
     home, other = await peers(2)
-    await home.register("alice", "right")
+    await home.register("alice", "right password")
     await home.logout()
     with pytest.raises(pt.AuthError):
         await other.login("alice", "wrong")
     with pytest.raises(pt.AuthError):
         await home.login("alice", "wrong")
     with pytest.raises(pt.UnknownUser):
-        await other.login("nobody", "pw")
+        await other.login("nobody", "correct horse")
     with pytest.raises(pt.UsernameTaken):
-        await other.register("alice", "pw")
-    await other.login("alice", "right")
+        await other.register("alice", "correct horse")
+    await other.login("alice", "right password")
     assert other.username == "alice"
 
 
@@ -325,7 +325,7 @@ async def test_operations_need_a_login(peers: PeerFactory) -> None:
     ):
         with pytest.raises(pt.NotLoggedIn):
             await call
-    await peer.register("alice", "pw")
+    await peer.register("alice", "correct horse")
     with pytest.raises(pt.UsageError):
         await peer.post("x" * (pt.MAX_POST_CHARS + 1))
     with pytest.raises(pt.UsageError):
@@ -333,15 +333,15 @@ async def test_operations_need_a_login(peers: PeerFactory) -> None:
     with pytest.raises(pt.UnknownUser):
         await peer.follow("nobody")
     with pytest.raises(pt.UsageError):
-        await peer.register("bob", "pw")
+        await peer.register("bob", "correct horse")
 
 
 async def test_forged_and_tampered_posts_are_never_stored(peers: PeerFactory) -> None:
     """Pushed or pulled posts that fail verification are refused and not stored."""
     star, fan, mallory = await peers(3)
-    await star.register("star", "pw")
-    await fan.register("fan", "pw")
-    await mallory.register("mallory", "pw")
+    await star.register("star", "correct horse")
+    await fan.register("fan", "correct horse")
+    await mallory.register("mallory", "correct horse")
     await fan.follow("star")
     genuine = await star.post("genuine")
     await eventually(lambda: holds(fan, genuine))
@@ -358,7 +358,7 @@ async def test_forged_and_tampered_posts_are_never_stored(peers: PeerFactory) ->
             )
     # A source that lies when asked for posts: mallory answers GetPosts.
     late = await peers(1)
-    await late[0].register("late", "pw")
+    await late[0].register("late", "correct horse")
     await late[0].follow("star")  # pulls the real posts
     await late[0].logout()
 
@@ -370,7 +370,7 @@ async def test_forged_and_tampered_posts_are_never_stored(peers: PeerFactory) ->
     await star.logout()
     await fan.logout()
     await mallory.follow("star")  # now mallory is a source of star's posts
-    await late[0].login("late", "pw")
+    await late[0].login("late", "correct horse")
     texts = [p.text for p in await late[0].timeline()]
     assert "I am star" not in texts
     assert "tampered" not in texts
@@ -383,9 +383,9 @@ async def test_skewed_clock_is_corrected_by_ntp(peers: PeerFactory) -> None:
         (slow,) = await peers(1, clock=slow_clock)
         await slow_clock.sync()
         fast, reader = await peers(2)
-        await slow.register("slow", "pw")
-        await fast.register("fast", "pw")
-        await reader.register("reader", "pw")
+        await slow.register("slow", "correct horse")
+        await fast.register("fast", "correct horse")
+        await reader.register("reader", "correct horse")
         await reader.follow("slow")
         await reader.follow("fast")
         first = await fast.post("first")
@@ -401,10 +401,10 @@ async def test_restart_on_the_same_data_dir_keeps_everything(
 ) -> None:
     """A peer restarted on its data_dir has its identity, own and cached posts."""
     (star,) = await peers(1)
-    await star.register("star", "pw")
+    await star.register("star", "correct horse")
     star_post = await star.post("cached elsewhere")
     (fan,) = await peers(1, data_dir=tmp_path / "fan")
-    await fan.register("fan", "pw")
+    await fan.register("fan", "correct horse")
     await fan.follow("star")
     await eventually(lambda: holds(fan, star_post))
     own = await fan.post("my own")
@@ -412,7 +412,7 @@ async def test_restart_on_the_same_data_dir_keeps_everything(
     await fan.stop()
     await star.logout()  # the author is gone: the cache must be local
     (again,) = await peers(1, data_dir=tmp_path / "fan")
-    await again.login("fan", "pw")
+    await again.login("fan", "correct horse")
     assert {p.id for p in await again.timeline()} == {own.id, star_post.id}
     assert again.registry.node_id == node_id  # the same DHT node, a new port
 
@@ -431,7 +431,7 @@ async def test_suggestions_are_friends_of_friends(peers: PeerFactory) -> None:
     net = await peers(6)
     names = ["me", "a", "b", "c", "d", "e"]
     for peer, name in zip(net, names, strict=True):
-        await peer.register(name, "pw")
+        await peer.register(name, "correct horse")
     me, a, b, *_ = net
     await me.follow("a")
     await me.follow("b")
@@ -448,8 +448,8 @@ async def test_retention_drops_old_posts_but_keeps_own(peers: PeerFactory) -> No
     """The retention policy removes others' old posts at login, keeping one's own."""
     short = attrs.evolve(FAST, retention=1.0)
     star, fan = await peers(2, config=short)
-    await star.register("star", "pw")
-    await fan.register("fan", "pw")
+    await star.register("star", "correct horse")
+    await fan.register("fan", "correct horse")
     await fan.follow("star")
     old = await star.post("soon too old")
     await eventually(lambda: holds(fan, old))
@@ -457,7 +457,7 @@ async def test_retention_drops_old_posts_but_keeps_own(peers: PeerFactory) -> No
     await fan.logout()
     await star.logout()
     await asyncio.sleep(1.1)  # let the posts age past the retention period
-    await fan.login("fan", "pw")
+    await fan.login("fan", "correct horse")
     assert [p.id for p in await fan.timeline()] == [mine.id]
 
 
@@ -466,7 +466,7 @@ async def test_stop_is_idempotent_and_frees_the_port(peers: PeerFactory) -> None
     import socket
 
     (peer,) = await peers(1)
-    await peer.register("alice", "pw")
+    await peer.register("alice", "correct horse")
     port = peer.port
     await peer.stop()
     await peer.stop()
@@ -491,8 +491,8 @@ async def test_a_peer_on_every_interface_is_reached_at_its_advertised_host(
     )
     async with alice:
         assert alice.address == ("127.0.0.1", alice.port)
-        await alice.register("alice", "pw")
-        await bob.register("bob", "pw")
+        await alice.register("alice", "correct horse")
+        await bob.register("bob", "correct horse")
         await bob.follow("alice")
         await alice.follow("bob")
         record = await bob.registry.get_user("alice")
@@ -544,7 +544,7 @@ async def test_a_crashed_peer_reads_offline_then_catches_up(
     await eventually(offline, within=10)
     missed = await star.post("while you were dead")
     (back,) = await peers(1, config=short)
-    await back.login("fan0", "pw")
+    await back.login("fan0", "correct horse")
     assert [p.id for p in await back.timeline()] == [missed.id]
 
 
