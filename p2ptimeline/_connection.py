@@ -1,9 +1,31 @@
 """The asyncio side of the peer protocol: connections, a pool, a server.
 
-`_wire` does the framing; this module moves frames over asyncio streams.
-A connection carries many requests at once, matched to replies by id. Every
-wait has a timeout, and each connection has its own reader task, so a slow
-or silent peer only ever delays the requests sent to it.
+`_wire` does the framing; this module moves frames over TCP. A connection
+is an `asyncio.Protocol` (callbacks, not streams), so that it decides when
+to read and knows what it holds. It carries many requests at once, matched
+to replies by id. Every wait has a timeout, so a slow or silent peer only
+ever delays the requests sent to it.
+
+What one remote party can make a peer hold is bounded by `Limits`:
+
+* bytes in: one frame being assembled, which must arrive whole within
+  `frame_timeout` of its first byte;
+* requests: `max_pending` handled at once per connection, four times as
+  many queued, the rest refused;
+* replies: `max_buffered` bytes per connection, shared between replies
+  being made (a handler reserves what its reply may take before it runs)
+  and replies written but not yet taken by the remote (writing pauses past
+  a third of the budget). While the budget is spent the connection's next
+  requests are neither started nor read, and a remote that takes none of
+  our bytes for `frame_timeout` is disconnected, as flow control in the
+  manner of uvicorn's and aioquic's credit;
+* connections: `max_connections` in all, `max_connections_per_host` from
+  one address; a full server makes room by closing an idle connection
+  that never completed a request before it refuses a newcomer;
+* outgoing connects: `max_connecting` at once, and none to an address whose
+  connect failed less than `connect_backoff` seconds ago.
+
+Log lines a remote party can cause are rate-limited (`RateLimitedLog`).
 """
 
 from __future__ import annotations
@@ -11,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -18,11 +41,14 @@ from collections.abc import Awaitable, Callable
 import attrs
 
 from ._errors import PeerUnreachable, ProtocolError, RemoteError
+from ._ratelog import RateLimitedLog
 from ._serializer import Serializer
 from ._wire import (
     DEFAULT_MAX_FRAME_SIZE,
     Frame,
     FrameDecoder,
+    FrameTooLarge,
+    GetPosts,
     Message,
     Refusal,
     encode_frame,
@@ -35,15 +61,25 @@ log = logging.getLogger("p2ptimeline.peer")
 Handler = Callable[[Message, tuple[str, int]], Awaitable[Message]]
 """Answers one request message from a remote address with a reply message."""
 
+_SMALL_REPLY = 1024
+"""Bytes reserved for the reply to any request but `GetPosts`: an `Ack` or
+a `Refusal` (whose reason is at most 200 characters)."""
+_REMEMBERED_FAILURES = 4096
+"""Most addresses a pool remembers as unreachable (the oldest are forgotten)."""
+_LOG_INTERVAL = 10.0
+"""Seconds between two log lines of one kind that a remote party can cause."""
+
 
 @attrs.frozen(kw_only=True)
 class Limits:
     """Resource limits of the peer protocol, all configurable.
 
     They bound what one peer can cost another: memory (frame size, queued
-    requests), sockets (connections, per remote host too) and time (every
-    wait has a timeout; a frame once started must arrive in `frame_timeout`,
-    so connections opened and never finished are closed).
+    requests, bytes of replies held per connection), sockets (connections,
+    per remote host too, connects in flight) and time (every wait has a
+    timeout; a frame once started must arrive in `frame_timeout`, and bytes
+    written must start being taken within it, so connections opened and
+    never finished, or never read, are closed).
     """
 
     max_frame_size: int = DEFAULT_MAX_FRAME_SIZE
@@ -51,161 +87,480 @@ class Limits:
     connect_timeout: float = 3.0
     """Seconds to open a TCP connection."""
     request_timeout: float = 5.0
-    """Seconds to wait for the reply to a request."""
+    """Seconds to wait for the reply to a request (waiting for a connect
+    slot, connecting and waiting to write included)."""
     frame_timeout: float = 10.0
-    """Seconds a frame may take to arrive once its first byte has."""
+    """Seconds a frame may take to arrive once its first byte has; also the
+    longest a connection stays open while the remote takes none of the
+    bytes we have written to it."""
     idle_timeout: float = 60.0
     """Seconds an unused connection stays open."""
     max_connections: int = 1024
-    """Most incoming connections served at once."""
+    """Most incoming connections served at once (and outgoing ones kept)."""
     max_connections_per_host: int = 32
     """Most incoming connections served at once from one IP address."""
     max_pending: int = 32
     """Most requests served at once on one connection (four times as many
     may wait; more are refused)."""
+    max_buffered: int = 768 * 1024
+    """Most bytes of replies one incoming connection may make this peer
+    hold: replies written but not taken by the remote (writing pauses past a
+    third of this) plus replies being made, each counted at what it may take
+    (`max_page_size` for a `GetPosts`, 1 KiB for any other request). While
+    it is spent, the connection's next requests are neither read nor
+    started."""
+    max_page_size: int = 128 * 1024
+    """Most bytes of one page of posts: the frame answering a `GetPosts`
+    (at most `max_frame_size` of it is used). Larger pages mean fewer
+    round trips for a pull, and fewer of them made at once per connection."""
+    max_connecting: int = 64
+    """Most outgoing connections being opened at once; other requests wait
+    for a turn (within their `request_timeout`)."""
+    connect_backoff: float = 2.0
+    """Seconds after a failed connect during which requests to that address
+    fail at once (4,096 such addresses at most are remembered); 0 to
+    always try."""
 
 
-class _Connection:
-    """Frames over one TCP stream: requests out and replies in, or the reverse."""
+class _Connection(asyncio.Protocol):
+    """Frames over one TCP connection: requests out and replies in (opened
+    by a `ConnectionPool`), or requests in and replies out (accepted by a
+    `PeerServer`, which gives the `handler` and an `admit` check)."""
 
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
         serializer: Serializer,
         limits: Limits,
+        ratelog: RateLimitedLog,
         handler: Handler | None = None,
+        admit: Callable[[_Connection], bool] | None = None,
     ) -> None:
-        self._reader = reader
-        self._writer = writer
+        self._loop = asyncio.get_running_loop()
         self._serializer = serializer
         self._limits = limits
+        self._log = ratelog
         self._handler = handler
+        self._admit = admit
         self._decoder = FrameDecoder(serializer, limits.max_frame_size)
+        self._transport: asyncio.Transport | None = None
+        self._lost: asyncio.Future[None] = self._loop.create_future()
+        self.remote: tuple[str, int] = ("", 0)
+        self.last_used = self._loop.time()
+        """When a request was last sent or answered (or the connection made)."""
+        self.served = 0
+        """Requests answered on this connection."""
+        # Requests out, waiting for their replies.
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
+        # Requests in, being answered.
         self._handlers: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(limits.max_pending)
-        self.remote: tuple[str, int] = writer.get_extra_info("peername")[:2]
-        self.last_used = asyncio.get_running_loop().time()
-        self._task = asyncio.create_task(self._read_loop(), name=f"peer {self.remote}")
+        # Flow control: bytes reserved by replies being made, waiters for
+        # room in FIFO order, and whether the remote takes what we write.
+        self._high_water = limits.max_buffered // 3
+        self._reserved = 0
+        self._room: collections.deque[tuple[int, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        self._writing_paused = False
+        self._written = 0
+        self._taken = 0
+        self._stall_timer: asyncio.TimerHandle | None = None
+        # Reading: deadlines for the next byte (idle) and a frame's end.
+        self._reading_paused = False
+        self._idle_deadline: float | None = None
+        self._frame_deadline: float | None = None
+        self._read_timer: asyncio.TimerHandle | None = None
+
+    # State
 
     @property
     def closed(self) -> bool:
-        return self._task.done()
+        """Closed or closing: no more frames go either way."""
+        return self._lost.done() or (
+            self._transport is not None and self._transport.is_closing()
+        )
+
+    @property
+    def idle(self) -> bool:
+        """No request is waiting for a reply on this connection, either way."""
+        return not self._handlers and not self._pending
 
     def done(self, callback: Callable[[object], None]) -> None:
         """Call `callback` once the connection has closed."""
-        self._task.add_done_callback(callback)
+        self._lost.add_done_callback(callback)
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        peername = transport.get_extra_info("peername")
+        if peername is None:  # gone before we got here
+            transport.abort()
+            return
+        self.remote = tuple(peername[:2])
+        transport.set_write_buffer_limits(
+            high=self._high_water, low=self._high_water // 4
+        )
+        if self._admit is not None and not self._admit(self):
+            transport.close()
+            return
+        if self._handler is not None:  # serving: idle peers get closed
+            self._idle_deadline = self._loop.time() + self._limits.idle_timeout
+            self._arm_read_timer()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self._decoder.feed(data)
+        except RemoteError as exc:
+            self._log.info("protocol", "closing connection to %s: %s", self.remote, exc)
+            self.shut()
+            return
+        now = self._loop.time()
+        limits = self._limits
+        if self._handler is not None:
+            self._idle_deadline = now + limits.idle_timeout
+        if not self._decoder.buffered:
+            self._frame_deadline = None
+        elif frames or self._frame_deadline is None:  # a new frame began
+            self._frame_deadline = now + limits.frame_timeout
+        for frame in frames:
+            self._dispatch(frame)
+        self._arm_read_timer()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too (after writing what is buffered)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self._handler is not None and self._transport is not None:
+            # Requests make replies: read no more of them until these leave.
+            # (A client keeps reading: replies are what unblock its peer.)
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+            now = self._loop.time()
+            self._idle_deadline = now + self._limits.idle_timeout
+            if self._decoder.buffered:
+                self._frame_deadline = now + self._limits.frame_timeout
+            self._arm_read_timer()
+        self._grant()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if exc is not None:
+            log.debug("connection to %s broke: %s", self.remote, exc)
+        for timer in (self._read_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
+        self._read_timer = self._stall_timer = None
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionResetError("connection closed"))
+        self._pending.clear()
+        for task in self._handlers:
+            task.cancel()
+        if not self._lost.done():
+            self._lost.set_result(None)
+        self._grant()  # fails every waiter for room
+
+    # Requests out
 
     async def request(self, message: Message) -> Message:
-        """Send a request and wait for its reply message (no timeout here).
+        """Send a request and wait for its reply message (no timeout here:
+        waiting for room to write and for the reply is the caller's to bound).
 
         Raises:
             PeerUnreachable: The connection broke.
             ProtocolError: The peer refused the request.
+            FrameTooLarge: The request does not fit in a frame; nothing was sent.
         """
         request_id = next(self._ids)
-        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        data = encode_frame(
+            self._serializer,
+            Frame.of(message, request_id=request_id),
+            self._limits.max_frame_size,
+        )
+        future: asyncio.Future[Message] = self._loop.create_future()
         self._pending[request_id] = future
         try:
-            self._send(Frame.of(message, request_id=request_id))
+            await self._reserve(0)  # until the remote takes what we wrote
+            self._write(data)
+            del data  # the transport holds what it has not sent
             reply = await future
         except (ConnectionError, OSError) as exc:
             raise PeerUnreachable(f"{self.remote}: {exc}") from exc
         finally:
             self._pending.pop(request_id, None)
-            self.last_used = asyncio.get_running_loop().time()
+            self.last_used = self._loop.time()
         if isinstance(reply, Refusal):
             raise ProtocolError(f"{self.remote} refused: {reply.reason}")
         return reply
 
-    def _send(self, frame: Frame) -> None:
-        if self._writer.is_closing():
-            raise ConnectionResetError("connection closed")
-        data = encode_frame(self._serializer, frame, self._limits.max_frame_size)
-        self._writer.write(data)
-
-    async def _read_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        limits = self._limits
-        frame_deadline = None
-        try:
-            while True:
-                deadline = None
-                if self._handler is not None:  # serving: idle peers get closed
-                    deadline = loop.time() + limits.idle_timeout
-                if frame_deadline is not None:  # in the middle of a frame
-                    deadline = min(deadline or frame_deadline, frame_deadline)
-                async with asyncio.timeout_at(deadline):
-                    data = await self._reader.read(65536)
-                if not data:
-                    break
-                for frame in self._decoder.feed(data):
-                    self._dispatch(frame)
-                if not self._decoder.buffered:
-                    frame_deadline = None
-                elif frame_deadline is None:
-                    frame_deadline = loop.time() + limits.frame_timeout
-        except TimeoutError:
-            log.info("closed an idle or stalled connection from %s", self.remote)
-        except RemoteError as exc:
-            log.info("closing connection to %s: %s", self.remote, exc)
-        except (ConnectionError, OSError) as exc:
-            log.debug("connection to %s broke: %s", self.remote, exc)
-        finally:
-            self._fail_pending()
-            self._writer.close()  # `close()` waits until it is closed
+    # Requests in
 
     def _dispatch(self, frame: Frame) -> None:
+        if self.closed:  # e.g. an earlier frame of the same read closed it
+            return
         if frame.reply_to:
             future = self._pending.get(frame.reply_to)
             if future is not None and not future.done():
                 future.set_result(frame.message)
             return
         if self._handler is None:
-            log.info("dropped an unexpected request from %s", self.remote)
+            self._log.info(
+                "unexpected", "dropped an unexpected request from %s", self.remote
+            )
             return
+        self.last_used = self._loop.time()
         if len(self._handlers) >= 4 * self._limits.max_pending:
             # Queued requests cost memory: past this, say no at once.
-            log.info("refused a request from %s: too many pending", self.remote)
-            with contextlib.suppress(ConnectionError, OSError, ProtocolError):
-                reply = Refusal(reason="too many pending requests")
-                self._send(Frame.of(reply, reply_to=frame.request_id))
+            self._log.info(
+                "busy", "refused a request from %s: too many pending", self.remote
+            )
+            self._refuse(frame, "too many pending requests")
             return
-        task = asyncio.create_task(self._answer(frame))
+        task = self._loop.create_task(self._answer(frame))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
+    def _refuse(self, frame: Frame, reason: str) -> None:
+        """Write a refusal now, if the budget has room for it; otherwise the
+        remote is not reading its replies and is disconnected."""
+        data = self._encode_reply(Refusal(reason=reason), frame.request_id)
+        if self._held() + len(data) > self._limits.max_buffered:
+            self._log.info(
+                "unread",
+                "closed the connection from %s: it does not read its replies",
+                self.remote,
+            )
+            self.abort()
+            return
+        self._write(data)
+
     async def _answer(self, frame: Frame) -> None:
+        need = _SMALL_REPLY
+        if isinstance(frame.message, GetPosts):
+            need = min(self._limits.max_page_size, self._limits.max_frame_size)
+        try:
+            async with self._slots:
+                await self._reserve(need)
+                try:
+                    reply = await self._reply_to(frame.message)
+                    data = self._encode_reply(reply, frame.request_id)
+                    del reply
+                    if len(data) > need:
+                        # Larger than its reservation (a handler ignoring
+                        # max_page_size): held uncounted until all of it fits.
+                        self._release(need)
+                        need = 0
+                        await self._reserve(len(data))
+                        need = len(data)
+                    self._write(data)
+                    self.served += 1
+                    self.last_used = self._loop.time()
+                finally:
+                    self._release(need)
+        except (ConnectionError, OSError):
+            pass  # the connection closed: nobody to answer
+        except Exception:
+            self._log.exception(
+                "answer", "failed to answer a request from %s", self.remote
+            )
+
+    async def _reply_to(self, message: Message) -> Message:
         assert self._handler is not None
-        async with self._slots:
-            try:
-                reply = await self._handler(frame.message, self.remote)
-            except RemoteError as exc:
-                log.info("refused a request from %s: %s", self.remote, exc)
-                reply = Refusal(reason=str(exc)[:200])
-            except Exception:
-                log.exception("failed to handle a request from %s", self.remote)
-                reply = Refusal(reason="internal error")
-        with contextlib.suppress(ConnectionError, OSError, ProtocolError):
-            self._send(Frame.of(reply, reply_to=frame.request_id))
+        try:
+            return await self._handler(message, self.remote)
+        except (RemoteError, ValueError) as exc:  # UsageError is a ValueError
+            self._log.info("refused", "refused a request from %s: %s", self.remote, exc)
+            return Refusal(reason=str(exc)[:200])
+        except Exception:
+            self._log.exception(
+                "handler", "failed to handle a request from %s", self.remote
+            )
+            return Refusal(reason="internal error")
 
-    def _fail_pending(self) -> None:
-        for future in self._pending.values():
-            if not future.done():
+    def _encode_reply(self, reply: Message, request_id: int) -> bytes:
+        limit = self._limits.max_frame_size
+        try:
+            return encode_frame(
+                self._serializer, Frame.of(reply, reply_to=request_id), limit
+            )
+        except FrameTooLarge as exc:
+            self._log.warning("too-large", "a reply to %s: %s", self.remote, exc)
+            refusal = Refusal(reason="reply too large")
+            return encode_frame(
+                self._serializer, Frame.of(refusal, reply_to=request_id), limit
+            )
+
+    # Flow control
+
+    def _held(self) -> int:
+        """Bytes of replies this connection makes us hold right now."""
+        transport = self._transport
+        buffered = transport.get_write_buffer_size() if transport else 0
+        return buffered + self._reserved
+
+    def _has_room(self, size: int) -> bool:
+        if self._writing_paused:
+            return False
+        budget = self._limits.max_buffered - self._high_water
+        return self._reserved == 0 or self._reserved + size <= budget
+
+    async def _reserve(self, size: int) -> None:
+        """Wait until `size` more bytes fit in the budget, and take them.
+
+        Waiters are served first come, first served. With `size` 0 it waits
+        only until the transport takes writes again.
+
+        Raises:
+            ConnectionResetError: The connection closed.
+        """
+        if self.closed:
+            raise ConnectionResetError("connection closed")
+        if not self._room and self._has_room(size):
+            self._reserved += size
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        entry = (size, future)
+        self._room.append(entry)
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled() and not future.exception():
+                self._release(size)  # granted, but its task was cancelled
+            else:
+                with contextlib.suppress(ValueError):  # already handed a failure
+                    self._room.remove(entry)
+                self._grant()
+            raise
+
+    def _release(self, size: int) -> None:
+        if size:
+            self._reserved -= size
+            self._grant()
+
+    def _grant(self) -> None:
+        """Hand room to the waiters at the head of the queue, in order."""
+        while self._room:
+            size, future = self._room[0]
+            if future.done():  # its waiter was cancelled
+                self._room.popleft()
+            elif self._lost.done():
+                self._room.popleft()
                 future.set_exception(ConnectionResetError("connection closed"))
-        self._pending.clear()
+            elif self._has_room(size):
+                self._room.popleft()
+                self._reserved += size
+                future.set_result(None)
+            else:
+                return
 
-    async def close(self) -> None:
-        self._task.cancel()
-        handlers = [self._task, *self._handlers]
-        for task in handlers:
+    def _write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None or self.closed:
+            raise ConnectionResetError("connection closed")
+        transport.write(data)
+        self._written += len(data)
+        if self._stall_timer is None and transport.get_write_buffer_size():
+            self._arm_stall_timer()
+
+    def _arm_stall_timer(self) -> None:
+        assert self._transport is not None
+        self._taken = self._written - self._transport.get_write_buffer_size()
+        self._stall_timer = self._loop.call_later(
+            self._limits.frame_timeout, self._on_stall_timer
+        )
+
+    def _on_stall_timer(self) -> None:
+        self._stall_timer = None
+        transport = self._transport
+        if transport is None or self._lost.done():
+            return
+        buffered = transport.get_write_buffer_size()
+        if not buffered:
+            return
+        if self._written - buffered == self._taken:  # nothing taken since
+            self._log.info(
+                "stalled",
+                "closed the connection with %s: it took none of %d bytes in %g s",
+                self.remote,
+                buffered,
+                self._limits.frame_timeout,
+            )
+            self.abort()
+            return
+        self._arm_stall_timer()
+
+    # Read deadlines
+
+    def _read_deadline(self) -> float | None:
+        if self._reading_paused:  # we stopped reading: not the remote's fault
+            return None
+        deadlines = [
+            d for d in (self._idle_deadline, self._frame_deadline) if d is not None
+        ]
+        return min(deadlines, default=None)
+
+    def _arm_read_timer(self) -> None:
+        deadline = self._read_deadline()
+        if deadline is None or self._lost.done():
+            return
+        timer = self._read_timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return  # it fires first, and looks again then
+            timer.cancel()
+        self._read_timer = self._loop.call_at(deadline, self._on_read_timer)
+
+    def _on_read_timer(self) -> None:
+        self._read_timer = None
+        deadline = self._read_deadline()
+        if deadline is None or self._lost.done():
+            return
+        if self._loop.time() < deadline:
+            self._arm_read_timer()
+            return
+        self._log.info(
+            "idle", "closed an idle or stalled connection from %s", self.remote
+        )
+        self.shut()
+
+    # Closing
+
+    def shut(self) -> None:
+        """Start closing: after writing what is buffered if that is nothing,
+        at once otherwise (a remote that does not read would hold it open)."""
+        transport = self._transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()
+        else:
+            transport.close()
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is not sent yet."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    def close(self) -> None:
+        """Start closing and cancel the handlers; see `wait_closed`."""
+        self.shut()
+        for task in self._handlers:
             task.cancel()
-        await asyncio.gather(*handlers, return_exceptions=True)
-        self._writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.wait_closed()
+
+    async def wait_closed(self) -> None:
+        """Wait until the handlers are done and the socket is closed."""
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._transport is not None:
+            await asyncio.shield(self._lost)
 
 
 class ConnectionPool:
@@ -214,18 +569,24 @@ class ConnectionPool:
     def __init__(self, serializer: Serializer, limits: Limits) -> None:
         self._serializer = serializer
         self._limits = limits
+        self._log = RateLimitedLog(log, _LOG_INTERVAL)
         self._connections: collections.OrderedDict[tuple[str, int], _Connection] = (
             collections.OrderedDict()
         )
-        self._opening: dict[tuple[str, int], asyncio.Future[_Connection]] = {}
+        self._opening: dict[tuple[str, int], asyncio.Task[_Connection]] = {}
+        self._waiting: collections.Counter[tuple[str, int]] = collections.Counter()
+        self._connecting = asyncio.Semaphore(limits.max_connecting)
+        self._unreachable: collections.OrderedDict[tuple[str, int], float] = (
+            collections.OrderedDict()
+        )
         self._closed = False
 
     async def request(self, address: tuple[str, int], message: Message) -> Message:
         """Send `message` to the peer at `address` and return its reply.
 
         Raises:
-            PeerUnreachable: It cannot be reached, or did not answer within
-                `Limits.request_timeout`.
+            PeerUnreachable: It cannot be reached (or could not moments ago),
+                or did not answer within `Limits.request_timeout`.
             ProtocolError: It refused the request or broke the protocol.
         """
         try:
@@ -242,44 +603,86 @@ class ConnectionPool:
         if connection is not None and not connection.closed:
             self._connections.move_to_end(address)
             return connection
+        retry_at = self._unreachable.get(address)
+        if retry_at is not None:
+            if asyncio.get_running_loop().time() < retry_at:
+                raise PeerUnreachable(f"cannot connect to {address} (just failed)")
+            del self._unreachable[address]
         opening = self._opening.get(address)
         if opening is None:
-            opening = asyncio.ensure_future(self._open(address))
+            opening = asyncio.create_task(self._open(address))
             self._opening[address] = opening
-            opening.add_done_callback(lambda _: self._opening.pop(address, None))
-        return await asyncio.shield(opening)
+            opening.add_done_callback(functools.partial(self._opened, address))
+        self._waiting[address] += 1
+        try:
+            return await asyncio.shield(opening)
+        finally:
+            self._waiting[address] -= 1
+            if not self._waiting[address]:
+                del self._waiting[address]
+                opening.cancel()  # no request wants it any more (no-op if done)
+
+    def _opened(
+        self, address: tuple[str, int], task: asyncio.Task[_Connection]
+    ) -> None:
+        if self._opening.get(address) is task:
+            del self._opening[address]
+        if not task.cancelled():
+            task.exception()  # seen: the requests that wanted it may be gone
 
     async def _open(self, address: tuple[str, int]) -> _Connection:
-        try:
-            async with asyncio.timeout(self._limits.connect_timeout):
-                reader, writer = await asyncio.open_connection(*address)
-        except (OSError, TimeoutError) as exc:
-            raise PeerUnreachable(f"cannot connect to {address}: {exc!r}") from None
-        connection = _Connection(reader, writer, self._serializer, self._limits)
+        loop = asyncio.get_running_loop()
+        async with self._connecting:
+            try:
+                async with asyncio.timeout(self._limits.connect_timeout):
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self._serializer, self._limits, self._log),
+                        *address,
+                    )
+            except (OSError, TimeoutError) as exc:
+                self._note_unreachable(address)
+                raise PeerUnreachable(f"cannot connect to {address}: {exc!r}") from None
+        if self._closed:
+            connection.close()
+            raise PeerUnreachable("the connection pool is closed")
         self._connections[address] = connection
-        await self._evict()
+        self._evict()
         return connection
 
-    async def _evict(self) -> None:
+    def _note_unreachable(self, address: tuple[str, int]) -> None:
+        backoff = self._limits.connect_backoff
+        if backoff <= 0:
+            return
+        self._unreachable[address] = asyncio.get_running_loop().time() + backoff
+        self._unreachable.move_to_end(address)
+        while len(self._unreachable) > _REMEMBERED_FAILURES:
+            self._unreachable.popitem(last=False)
+
+    def _evict(self) -> None:
         now = asyncio.get_running_loop().time()
-        stale = [
-            address
-            for address, c in self._connections.items()
-            if c.closed or now - c.last_used > self._limits.idle_timeout
-        ]
-        while len(self._connections) - len(stale) > self._limits.max_connections:
-            stale.append(next(a for a in self._connections if a not in stale))
-        for address in stale:
-            connection = self._connections.pop(address, None)
-            if connection is not None:  # another eviction may have taken it
-                await connection.close()
+        limits = self._limits
+        for address, connection in list(self._connections.items()):
+            if connection.closed or (
+                connection.idle and now - connection.last_used > limits.idle_timeout
+            ):
+                del self._connections[address]
+                connection.close()
+        while len(self._connections) > limits.max_connections:
+            _, connection = self._connections.popitem(last=False)
+            connection.close()
 
     async def close(self) -> None:
-        """Close every connection. Idempotent."""
+        """Close every connection and stop every connect. Idempotent."""
         self._closed = True
+        openings = list(self._opening.values())
+        for task in openings:
+            task.cancel()
         connections = list(self._connections.values())
         self._connections.clear()
-        await asyncio.gather(*(c.close() for c in connections))
+        for connection in connections:
+            connection.close()
+        await asyncio.gather(*openings, return_exceptions=True)
+        await asyncio.gather(*(c.wait_closed() for c in connections))
 
 
 class PeerServer:
@@ -291,46 +694,82 @@ class PeerServer:
         self._handler = handler
         self._serializer = serializer
         self._limits = limits
+        self._log = RateLimitedLog(log, _LOG_INTERVAL)
         self._server: asyncio.Server | None = None
-        self._connections: set[_Connection] = set()
+        self._connections: dict[_Connection, str] = {}
         self._per_host: collections.Counter[str] = collections.Counter()
+        self._closing = False
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on TCP `host`:`port`; returns the address bound."""
-        self._server = await asyncio.start_server(self._accept, host, port)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._new_connection, host, port)
         sockname: tuple[str, int] = self._server.sockets[0].getsockname()[:2]
         return sockname
 
-    async def _accept(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        host = writer.get_extra_info("peername")[0]
-        if (
-            len(self._connections) >= self._limits.max_connections
-            or self._per_host[host] >= self._limits.max_connections_per_host
-        ):
-            log.warning("too many connections: refused one from %s", host)
-            writer.close()
-            return
-        connection = _Connection(
-            reader, writer, self._serializer, self._limits, self._handler
+    def _new_connection(self) -> _Connection:
+        return _Connection(
+            self._serializer,
+            self._limits,
+            self._log,
+            handler=self._handler,
+            admit=self._admit,
         )
-        self._connections.add(connection)
+
+    def _admit(self, connection: _Connection) -> bool:
+        """Whether to serve a connection just accepted; makes room if need be."""
+        host = connection.remote[0]
+        limits = self._limits
+        if self._closing:
+            return False
+        if self._per_host[host] >= limits.max_connections_per_host:
+            self._log.warning(
+                "host-full", "too many connections: refused one from %s", host
+            )
+            return False
+        if len(self._connections) >= limits.max_connections:
+            idlest = self._idlest()
+            if idlest is None:
+                self._log.warning(
+                    "full", "too many connections: refused one from %s", host
+                )
+                return False
+            self._log.info(
+                "evicted",
+                "too many connections: closed an idle one from %s for one from %s",
+                idlest.remote,
+                host,
+            )
+            self._forget(idlest)
+            idlest.close()
+        self._connections[connection] = host
         self._per_host[host] += 1
+        connection.done(lambda _: self._forget(connection))
+        return True
 
-        def forget(_: object) -> None:
-            self._connections.discard(connection)
-            self._per_host[host] -= 1
-            if not self._per_host[host]:
-                del self._per_host[host]
+    def _idlest(self) -> _Connection | None:
+        """The connection to close for a newcomer: one without requests in
+        progress, that never completed one if any, and idle the longest."""
+        idle = (c for c in self._connections if c.idle)
+        return min(idle, key=lambda c: (c.served > 0, c.last_used), default=None)
 
-        connection.done(forget)
+    def _forget(self, connection: _Connection) -> None:
+        host = self._connections.pop(connection, None)
+        if host is None:
+            return
+        self._per_host[host] -= 1
+        if not self._per_host[host]:
+            del self._per_host[host]
 
     async def close(self) -> None:
         """Stop listening and close every connection. Idempotent."""
+        self._closing = True
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        await asyncio.gather(*(c.close() for c in list(self._connections)))
+        connections = list(self._connections)
+        for connection in connections:
+            connection.close()
+        await asyncio.gather(*(c.wait_closed() for c in connections))
         if server is not None:
             await server.wait_closed()
