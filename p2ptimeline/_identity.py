@@ -68,7 +68,7 @@ SIGNATURE_SIZE = 64
 DEFAULT_SEAL_COST = 16
 """Default cost of `Identity.seal`: Argon2id with 2**16 KiB (64 MiB) of
 memory, 3 passes and 4 lanes, RFC 9106's second recommended setting
-(about 0.15 s on one core of a 2020s x86 machine)."""
+(about 0.17 s on one core of an AMD EPYC server)."""
 MIN_SEAL_COST = 10
 """Lowest cost `Identity.seal` accepts: 1 MiB, for tests only."""
 MAX_SEAL_COST = 18
