@@ -6,11 +6,15 @@ default). A `Frame` carries a protocol version, a request id and exactly one
 message. Requests get exactly one reply, a frame whose `reply_to` is the
 request's id. `FrameDecoder` turns a byte stream into frames and raises
 `ProtocolError` for anything malformed: a bad length, an oversized frame, an
-undecodable body or an unknown version.
+undecodable body, an unknown version, or a field out of its bounds. Every
+field of every message is checked as it is decoded (names, hosts, sizes,
+counts), so a handler never sees a value it would have to refuse later.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import struct
 from typing import Any
 
@@ -22,6 +26,9 @@ from ._serializer import Serializer
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",
+    "MAX_BATCH_POSTS",
+    "MAX_REASON_CHARS",
+    "MAX_TREE_SIZE",
     "PROTOCOL_VERSION",
     "Ack",
     "FollowNotice",
@@ -35,6 +42,7 @@ __all__ = [
     "PresenceNotice",
     "Refusal",
     "TreeMember",
+    "check_host",
     "encode_frame",
 ]
 
@@ -42,7 +50,42 @@ PROTOCOL_VERSION = 1
 """Version of the peer protocol this library speaks."""
 DEFAULT_MAX_FRAME_SIZE = 1 << 20
 """Largest frame accepted by default: 1 MiB."""
+MAX_TREE_SIZE = 4096
+"""Most members of the tree in one `PostPush`, its receiver included. Larger
+trees are split by their sender (see `Relay`)."""
+MAX_BATCH_POSTS = 10_000
+"""Most posts in one `PostBatch` (the largest `GetPosts.limit`)."""
+MAX_REASON_CHARS = 200
+"""Longest `Refusal.reason`."""
 _LENGTH = struct.Struct("!I")
+_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def check_host(host: str) -> bool:
+    """Whether `host` is an IP address or a DNS name (at most 253 characters
+    of dot-separated labels of letters, digits, ``-`` and ``_``)."""
+    if not isinstance(host, str) or not 0 < len(host) <= 253:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        labels = host.removesuffix(".").split(".")
+        return all(_LABEL.fullmatch(label) for label in labels)
+    return True
+
+
+def _host(_: object, attribute: attrs.Attribute[str], value: object) -> None:
+    """attrs validator: a host to connect to (see `check_host`)."""
+    if not check_host(value):  # type: ignore[arg-type]
+        raise ValueError(f"{attribute.name}: invalid host {value!r}")
+
+
+def _loggable(text: str) -> str:
+    """`text` with control and separator characters (line breaks among
+    them) replaced by U+FFFD, so that it cannot forge log lines."""
+    if not isinstance(text, str) or text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
 @attrs.frozen(kw_only=True)
@@ -51,8 +94,8 @@ class TreeMember:
 
     name: str = attrs.field(validator=username)
     """The follower's username."""
-    host: str = attrs.field(validator=attrs.validators.max_len(253))
-    """Host of the follower's peer."""
+    host: str = attrs.field(validator=_host)
+    """Host of the follower's peer: an IP address or a DNS name."""
     port: int = attrs.field(validator=uint(16))
     """TCP port of the follower's peer."""
 
@@ -71,15 +114,17 @@ class PostPush:
     """The post."""
     fanout: int = attrs.field(validator=attrs.validators.in_(range(1, 65)))
     """The tree's arity k."""
-    tree: tuple[TreeMember, ...]
-    """The receiver's subtree, receiver first."""
+    tree: tuple[TreeMember, ...] = attrs.field(
+        validator=[attrs.validators.min_len(1), attrs.validators.max_len(MAX_TREE_SIZE)]
+    )
+    """The receiver's subtree, receiver first: 1 to `MAX_TREE_SIZE` members."""
 
 
 @attrs.frozen(kw_only=True)
 class GetPosts:
     """Ask for the posts held of `author` stamped after `since`."""
 
-    author: str
+    author: str = attrs.field(validator=username)
     """Whose posts."""
     since: HybridTimestamp | None
     """Only posts stamped strictly after this (None: from the start)."""
@@ -91,8 +136,10 @@ class GetPosts:
 class PostBatch:
     """The reply to `GetPosts`."""
 
-    posts: tuple[Post, ...]
-    """Posts, oldest first."""
+    posts: tuple[Post, ...] = attrs.field(
+        validator=attrs.validators.max_len(MAX_BATCH_POSTS)
+    )
+    """Posts, oldest first: at most `MAX_BATCH_POSTS`."""
     more: bool
     """Whether more posts follow the last one: ask again from there."""
 
@@ -111,7 +158,7 @@ class FollowNotice:
 class PresenceNotice:
     """Tells a followee where a follower listens now (at login)."""
 
-    username: str
+    username: str = attrs.field(validator=username)
     """The follower's name."""
     presence: Presence
     """The follower's signed presence record."""
@@ -126,15 +173,19 @@ class Ack:
 class Refusal:
     """A request was refused; the reason is for logs, not for machines."""
 
-    reason: str = attrs.field(validator=attrs.validators.max_len(200))
-    """Why."""
+    reason: str = attrs.field(
+        converter=_loggable,
+        validator=attrs.validators.max_len(MAX_REASON_CHARS),
+    )
+    """Why: at most `MAX_REASON_CHARS` characters, with control and
+    line-separating characters replaced (see `_loggable`)."""
 
 
 @attrs.frozen(kw_only=True)
 class Frame:
     """One frame of the peer protocol: exactly one message field is set."""
 
-    version: int
+    version: int = attrs.field(validator=uint(63))
     """Protocol version of the sender."""
     request_id: int = attrs.field(validator=uint(63))
     """The sender's id for a request, from 1 (0 in replies)."""

@@ -15,6 +15,8 @@ from strategies import follow_entries, posts, presences, timestamps, usernames
 import p2ptimeline as pt
 from p2ptimeline._wire import (
     DEFAULT_MAX_FRAME_SIZE,
+    MAX_BATCH_POSTS,
+    MAX_TREE_SIZE,
     PROTOCOL_VERSION,
     Ack,
     FollowNotice,
@@ -27,6 +29,7 @@ from p2ptimeline._wire import (
     PresenceNotice,
     Refusal,
     TreeMember,
+    check_host,
     encode_frame,
 )
 from p2ptimeline.testing import make_posts
@@ -82,10 +85,17 @@ frames_param = pytest.mark.parametrize(
 )
 
 # Hypothesis strategies for every message type.
+hosts = st.one_of(
+    st.ip_addresses().map(str),
+    st.from_regex(
+        r"[a-z0-9_]([a-z0-9_-]{0,20}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?)*",
+        fullmatch=True,
+    ),
+)
 tree_members = st.builds(
     TreeMember,
     name=usernames,
-    host=st.text(max_size=40),
+    host=hosts,
     port=st.integers(0, 65535),
 )
 messages: st.SearchStrategy[Message] = st.one_of(
@@ -382,8 +392,8 @@ def test_encode_refuses_oversized_frames(serializer: pt.Serializer) -> None:
     size = len(serializer.encode(frame))
     with pytest.raises(pt.ProtocolError, match="exceeds"):
         encode_frame(serializer, frame, max_size=size - 1)
-    host = "h" * 253
-    tree = tuple(TreeMember(name=f"u{i}", host=host, port=i) for i in range(5000))
+    host = ("h" * 62 + ".") * 4  # 252 characters
+    tree = tuple(TreeMember(name=f"u{i}", host=host, port=i) for i in range(4096))
     big = Frame.of(PostPush(post=POSTS[0], fanout=2, tree=tree), request_id=1)
     with pytest.raises(pt.ProtocolError, match="exceeds"):
         encode_frame(serializer, big)  # over the default 1 MiB
@@ -547,3 +557,130 @@ def test_unencodable_ids_and_ports_are_refused_locally() -> None:
         Frame.of(Ack(), reply_to=2**63)
     with pytest.raises(ValueError, match="port"):
         TreeMember(name="alice", host="127.0.0.1", port=70000)
+
+
+# Every field is bounded (remote input never reaches a handler unchecked)
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "127.0.0.1",
+        "::1",
+        "fe80::1%eth0",
+        "localhost",
+        "peer-1.example.org",
+        "example.org.",
+        "my_host",
+        "a" * 63 + ".b",
+        ("h" * 62 + ".") * 4,
+    ],
+)
+def test_hosts_are_ip_addresses_or_dns_names(host: str) -> None:
+    """IPv4, IPv6 and DNS names (underscores and a final dot allowed) are hosts."""
+    assert check_host(host)
+    assert TreeMember(name="bob", host=host, port=1).host == host
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "",
+        " ",
+        "bad host",
+        "host\nERROR forged line",
+        "a..b",
+        ".a",
+        "-a.b",
+        "a-.b",
+        "a" * 64 + ".b",
+        "h" * 254,
+        "exa mple.org",
+        "ex/ample",
+        "ñandú.org",
+        "127.0.0.1:80",
+        "[::1]",
+    ],
+)
+def test_other_hosts_are_refused(host: str) -> None:
+    """Empty, spaced, control-character, over-long and malformed hosts are not."""
+    assert not check_host(host)
+    with pytest.raises(ValueError, match="host"):
+        TreeMember(name="bob", host=host, port=1)
+
+
+def test_a_tree_has_one_to_max_tree_size_members() -> None:
+    """A push carries its receiver at least, and at most MAX_TREE_SIZE members."""
+    member = TREE[0]
+    PostPush(post=POSTS[0], fanout=2, tree=(member,) * MAX_TREE_SIZE)
+    for size in (0, MAX_TREE_SIZE + 1):
+        with pytest.raises(ValueError, match="tree"):
+            PostPush(post=POSTS[0], fanout=2, tree=(member,) * size)
+
+
+def test_names_in_messages_are_usernames() -> None:
+    """GetPosts.author and PresenceNotice.username must be valid usernames."""
+    for bad in ("", "Alice", "a b", "x" * 33, "../etc", "-dash"):
+        with pytest.raises(ValueError, match="author"):
+            GetPosts(author=bad, since=None, limit=1)
+        with pytest.raises(ValueError, match="username"):
+            PresenceNotice(username=bad, presence=PRESENCE)
+        with pytest.raises(ValueError, match="name"):
+            TreeMember(name=bad, host="127.0.0.1", port=1)
+
+
+def test_a_batch_holds_at_most_max_batch_posts() -> None:
+    """A PostBatch of more than MAX_BATCH_POSTS posts is refused."""
+    PostBatch(posts=(POSTS[0],) * MAX_BATCH_POSTS, more=False)
+    with pytest.raises(ValueError, match="posts"):
+        PostBatch(posts=(POSTS[0],) * (MAX_BATCH_POSTS + 1), more=False)
+
+
+@given(reason=st.text(max_size=200))
+def test_a_refusal_reason_cannot_forge_log_lines(reason: str) -> None:
+    """Control and line-separating characters in a reason are replaced, so a
+    logged reason is one line; printable text is kept as it is."""
+    refusal = Refusal(reason=reason)
+    assert refusal.reason.isprintable()
+    assert len(refusal.reason) == len(reason)
+    if reason.isprintable():
+        assert refusal.reason == reason
+    assert Refusal(reason="a\nb\r\x00c\u2028").reason == "a\ufffdb\ufffd\ufffdc\ufffd"
+
+
+@serializers
+@pytest.mark.parametrize(
+    ("message", "field", "bad"),
+    [
+        ("get", "author", "Not A Name"),
+        ("get", "author", ""),
+        ("presence", "username", "x" * 5000),
+        ("push", "tree", []),
+        ("refusal", "reason", "x" * 201),
+    ],
+)
+def test_out_of_bounds_fields_are_refused_on_decode(
+    serializer: pt.Serializer, message: str, field: str, bad: object
+) -> None:
+    """A received frame with a field out of bounds is a ProtocolError."""
+    frame = next(f for f in FRAMES if _frame_tree(serializer, f).get(message))
+    tree = _frame_tree(serializer, frame)
+    body = tree[message]
+    assert isinstance(body, dict)
+    body[field] = bad
+    with pytest.raises(pt.ProtocolError):
+        FrameDecoder(serializer).feed(_prefixed(_dump(serializer, tree)))
+
+
+@serializers
+@pytest.mark.parametrize("host", ["", "bad host", "a\nb", 7])
+def test_a_tree_member_with_a_bad_host_is_refused_on_decode(
+    serializer: pt.Serializer, host: object
+) -> None:
+    """A tree member whose host is not an address or a name fails the frame."""
+    tree = _frame_tree(serializer, FRAMES[0])
+    push = tree["push"]
+    assert isinstance(push, dict)
+    push["tree"][1]["host"] = host  # type: ignore[index]
+    with pytest.raises(pt.ProtocolError):
+        FrameDecoder(serializer).feed(_prefixed(_dump(serializer, tree)))
