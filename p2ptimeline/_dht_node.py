@@ -5,28 +5,24 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import heapq
 import logging
 import random
 import socket
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import attrs
-from kademlia.crawling import NodeSpiderCrawl
 from kademlia.network import Server
-from kademlia.node import Node, NodeHeap
+from kademlia.node import Node
 from kademlia.routing import KBucket
 
-from ._dht_protocol import (
-    ALIVE_FOR,
-    RecordStorage,
-    RegistryProtocol,
-    StoreReply,
-    decode_value,
-)
-from ._errors import DecodeError, InvalidRecord, RegistryUnavailable
+from ._dht_lookup import Lookup, LookupResult
+from ._dht_protocol import RegistryProtocol
+from ._dht_routing import ALIVE_FOR
+from ._dht_storage import RecordStorage, StoreResult
+from ._dht_wire import StoreReply
+from ._errors import RegistryUnavailable
 from ._records import RegistryValue
 from ._serializer import Serializer
 
@@ -49,34 +45,15 @@ class Replica:
     value: RegistryValue | None
     """The valid value it holds, if any."""
     close: bool
-    """Whether the node is one of the `ksize` closest to the key, so should
-    hold it (stale close replicas get repaired; others are left alone)."""
-
-
-class _NodeHeap(NodeHeap):  # type: ignore[misc]  # untyped base class
-    """kademlia's `NodeHeap` with O(1) membership (its own is a linear scan)."""
-
-    def __init__(self, node: Node, maxsize: int) -> None:
-        super().__init__(node, maxsize)
-        self._ids: set[bytes] = set()
-
-    def push(self, nodes: Node | list[Node]) -> None:
-        target = self.node.long_id
-        for node in nodes if isinstance(nodes, list) else [nodes]:
-            if node.id not in self._ids:
-                self._ids.add(node.id)
-                heapq.heappush(self.heap, (node.long_id ^ target, node))
-
-    def remove(self, peers: Iterable[bytes]) -> None:
-        super().remove(peers)
-        self._ids = {node.id for _, node in self.heap}
-
-    def __contains__(self, node: Node) -> bool:
-        return node.id in self._ids
+    """Whether the node is one of the `ksize` closest to the key found by the
+    lookup, so should hold it: only those count in a vote, and stale ones
+    get repaired; others are left alone."""
+    distance: int
+    """XOR distance of the node from the key."""
 
 
 async def settle(
-    calls: list[asyncio.Task[T]], protocol: RegistryProtocol, first: int = 0
+    calls: Sequence[asyncio.Future[T]], protocol: RegistryProtocol, first: int = 0
 ) -> list[T | None]:
     """The results of the calls that finish in time (None for the others).
 
@@ -114,122 +91,17 @@ async def settle(
     return [call.result() if call.done() else None for call in calls]
 
 
-class _NodeCrawl(NodeSpiderCrawl):  # type: ignore[misc]  # untyped base class
-    """kademlia's node lookup, on the faster heap, not waiting for stragglers
-    unless `patient`."""
-
-    def __init__(
-        self,
-        protocol: RegistryProtocol,
-        node: Node,
-        peers: list[Node],
-        ksize: int,
-        alpha: int,
-        *,
-        patient: bool = False,
-    ) -> None:
-        super().__init__(protocol, node, [], ksize, alpha)
-        self.nearest = _NodeHeap(node, ksize)
-        self.nearest.push(peers)
-        self.patient = patient
-
-    async def _settle(self, calls: list[asyncio.Task[T]]) -> list[T | None]:
-        if self.patient:  # every call ends within the RPC timeout
-            return list(await asyncio.gather(*calls))
-        return await settle(calls, self.protocol)
-
-    async def _find(self, rpcmethod: Any) -> Any:
-        # As kademlia's `SpiderCrawl._find`, with `settle` instead of waiting
-        # for every call, and without formatting a log line each round.
-        count = self.alpha
-        if self.nearest.get_ids() == self.last_ids_crawled:  # type: ignore[has-type]
-            count = len(self.nearest)
-        self.last_ids_crawled = self.nearest.get_ids()
-        peers = self.nearest.get_uncontacted()[:count]
-        for peer in peers:
-            self.nearest.mark_contacted(peer)
-        calls = [asyncio.ensure_future(rpcmethod(peer, self.node)) for peer in peers]
-        results = await self._settle(calls)
-        return await self._nodes_found(
-            {
-                peer.id: (False, None) if result is None else result
-                for peer, result in zip(peers, results, strict=True)
-            }
-        )
-
-
-class _ValueCrawl(_NodeCrawl):
-    """Finds the replicas of a value among the nodes closest to its key.
-
-    Unlike kademlia's `ValueSpiderCrawl`, which returns the first value it
-    meets, it asks, all at once, the `quorum` closest nodes it knows that it
-    has not asked yet, merges the closer nodes they name, and repeats until
-    the `quorum` closest it knows have all answered. If none of them holds
-    the value, it goes on to the `ksize` closest before concluding that
-    nobody does: nodes that joined after a value was stored can be the
-    closest to its key without holding it. It returns every answer: the
-    caller picks the newest (and repairs the closest replicas).
-    """
-
-    protocol: RegistryProtocol
-
-    def __init__(
-        self,
-        protocol: RegistryProtocol,
-        node: Node,
-        peers: list[Node],
-        ksize: int,
-        quorum: int,
-    ) -> None:
-        super().__init__(protocol, node, peers, ksize, alpha=quorum)
-        self.quorum = quorum
-        self.answers: dict[bytes, tuple[Node, bytes | None]] = {}
-        self.failed: list[Node] = []  # asked, and did not answer
-
-    async def find(self) -> dict[bytes, tuple[Node, bytes | None]]:
-        asked: set[bytes] = set()
-        while True:
-            closest = list(self.nearest)[: self.quorum]
-            ask = [n for n in closest if n.id not in asked]
-            if not ask:
-                found = any(value for _, value in self.answers.values())
-                if found or self.quorum >= self.ksize:
-                    return self.answers
-                self.quorum = self.ksize  # absent from the closest: look wider
-                continue
-            asked.update(n.id for n in ask)
-            calls = [
-                asyncio.ensure_future(self.protocol.call_find_value(n, self.node))
-                for n in ask
-            ]
-            responses = await self._settle(calls)
-            failed = []
-            for node, response in zip(ask, responses, strict=True):
-                if response is None or not response[0] or response[1] is None:
-                    failed.append(node)
-                    continue
-                value, nodes = response[1]
-                self.answers[node.id] = (node, value)
-                self.nearest.push([Node(*n) for n in nodes])
-            self.failed.extend(failed)
-            self.nearest.remove([node.id for node in failed])
-
-    def closest_ids(self) -> set[bytes]:
-        """Ids of the `ksize` closest nodes that answered or were never asked."""
-        return {node.id for node in self.nearest}
-
-
 def _random_id(bucket: KBucket) -> bytes:
     """A random node id in `bucket`'s range."""
     return random.randint(*bucket.range).to_bytes(20, "big")
 
 
 class DhtNode(Server):  # type: ignore[misc]  # untyped base class
-    """kademlia's `Server` with the registry's protocol and storage.
+    """kademlia's `Server` with the registry's protocol, storage and lookups.
 
     It adds typed reads and writes of `RegistryValue`s: a read collects the
     answers of the closest nodes (validated, invalid ones dropped), a write
-    stores on the `ksize` closest nodes and reports each one's outcome.
+    stores on the `ksize` closest nodes and reports each one's reply.
     """
 
     protocol: RegistryProtocol
@@ -245,6 +117,8 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         rpc_timeout: float,
         read_quorum: int,
         node_id: bytes | None = None,
+        lookup_timeout: float | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(ksize=ksize, alpha=alpha, node_id=node_id)
         self.read_quorum = read_quorum
@@ -252,17 +126,24 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         self.storage = storage  # not via __init__: it tests `storage or ...`
         self.serializer = serializer
         self.rpc_timeout = rpc_timeout
+        self.lookup_timeout = lookup_timeout or 4 * rpc_timeout
+        """Seconds after which a lookup returns what it found."""
+        self.clock = clock
         self.bootstrap_addresses: list[tuple[str, int]] = []
         """Where to (re)join the network when no other node is known."""
         # key -> (when, closest nodes): writes to one key in a burst (a big
         # follow set filling up) share one lookup.
-        self._lookups: collections.OrderedDict[bytes, tuple[float, list[Node]]] = (
+        self._lookups: collections.OrderedDict[bytes, tuple[float, LookupResult]] = (
             collections.OrderedDict()
         )
 
     def _create_protocol(self) -> RegistryProtocol:
         return RegistryProtocol(
-            self.node, self.storage, self.ksize, wait_timeout=self.rpc_timeout
+            self.node,
+            self.storage,
+            self.ksize,
+            wait_timeout=self.rpc_timeout,
+            clock=self.clock,
         )
 
     async def listen(self, port: int, interface: str = "0.0.0.0") -> None:
@@ -285,43 +166,47 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         pass
 
     async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
-        # As kademlia's, but with our crawl, which does not wait out dead
-        # nodes, and ending as the paper's join does (section 2.3), which
-        # kademlia 2.2.3 skips: a lookup in every bucket farther than the
-        # closest neighbour. Without it, a newcomer meets only the nodes near
-        # its own id, and nodes that joined before it may never learn of it:
-        # a lookup from their side of the id space then ends among nodes
-        # that know no one closer, and misses the replicas of a value.
-        gathered = await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
-        nodes = [node for node in gathered if node is not None]
-        crawl = _NodeCrawl(self.protocol, self.node, nodes, self.ksize, self.alpha)
-        found: list[Node] = await crawl.find()
+        # As kademlia's, but with our lookup, and ending as the paper's join
+        # does (section 2.3), which kademlia 2.2.3 skips: a lookup in every
+        # bucket farther than the closest neighbour. Without it, a newcomer
+        # meets only the nodes near its own id, and nodes that joined before
+        # it may never learn of it: a lookup from their side of the id space
+        # then ends among nodes that know no one closer, and misses the
+        # replicas of a value.
+        await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
+        found = (await self._lookup(self.node.id)).closest
         buckets = self.protocol.router.buckets
-        await self._look_up(
+        await self.look_up(
             _random_id(b) for b in buckets if not b.has_in_range(self.node)
         )
         return found
 
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
-        answered, node_id = await self.protocol.call(
-            addr, "ping", self.node.id, force=True
-        )
-        if answered and isinstance(node_id, bytes) and len(node_id) == 20:
-            return Node(node_id, addr[0], addr[1])
-        return None
+        node_id = await self.protocol.ping_address(addr)
+        return None if node_id is None else Node(node_id, addr[0], addr[1])
 
-    async def _look_up(self, ids: Iterable[bytes]) -> None:
+    async def look_up(self, ids: Iterable[bytes]) -> None:
         """Node lookups of `ids`, all at once: meets the nodes near each."""
-        crawls = []
-        for node_id in ids:
-            target = Node(node_id)
-            nearest = self.protocol.router.find_neighbors(target, self.alpha)
-            crawl = _NodeCrawl(self.protocol, target, nearest, self.ksize, self.alpha)
-            crawls.append(crawl.find())
-        await asyncio.gather(*crawls)
+        await asyncio.gather(*(self._lookup(node_id) for node_id in ids))
+
+    def _new_lookup(self, key: bytes, **options: Any) -> Lookup:
+        alpha = options.pop("alpha", self.alpha)
+        seeds = self.protocol.router.find_neighbors(Node(key), k=self.ksize)
+        return Lookup(
+            self.protocol,
+            key,
+            seeds,
+            ksize=self.ksize,
+            alpha=alpha,
+            timeout=self.lookup_timeout,
+            **options,
+        )
+
+    async def _lookup(self, key: bytes, *, patient: bool = False) -> LookupResult:
+        return await self._new_lookup(key, patient=patient).run()
 
     async def _refresh_table(self) -> None:
-        await self._look_up(self.protocol.get_refresh_ids())
+        await self.look_up(self.protocol.get_refresh_ids())
         # Republish what has not been written for an hour (paper, section 2.5).
         for key, raw in self.storage.iter_older_than(3600):
             if self.has_neighbors():
@@ -357,7 +242,8 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         return any(len(bucket) for bucket in self.protocol.router.buckets)
 
     async def read(self, key: bytes, quorum: int) -> list[Replica]:
-        """Every valid answer for `key`, from the closest nodes and from here.
+        """Every valid answer for `key`, from the closest nodes and from here,
+        closest first.
 
         The lookup ends once the `quorum` closest nodes it knows answered
         (the `ksize` closest, if none of those holds a value).
@@ -366,66 +252,51 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
             RegistryUnavailable: No other node is known, or none answered.
         """
         await self.ensure_joined()
-        target = Node(key)
-        nearest = self.protocol.router.find_neighbors(target)
         started = time.monotonic()
-        crawl = _ValueCrawl(self.protocol, target, nearest, self.ksize, quorum)
-        answers = await crawl.find()
-        if not any(raw for _, raw in answers.values()) and self.protocol.forgive(
-            crawl.failed, marked_before=started
+        lookup = self._new_lookup(key, values=True, quorum=quorum, alpha=quorum)
+        found = await lookup.run()
+        if not any(r.value for _, r in found.answers) and self.protocol.forgive(
+            found.failed, marked_before=started
         ):
             # Nodes skipped as unreachable may only have been slow once (on
             # an overloaded host): ask them again before calling it absent.
             # (Not those that failed during this read: they were asked.)
-            crawl = _ValueCrawl(self.protocol, target, nearest, self.ksize, quorum)
-            answers = await crawl.find()
-        if not answers:
+            lookup = self._new_lookup(key, values=True, quorum=quorum, alpha=quorum)
+            found = await lookup.run()
+        if not found.answers:
             # Silence is not absence: without a single answer, nothing is known.
             raise RegistryUnavailable("no DHT node answered the read")
-        close = crawl.closest_ids()
-        decoded: dict[bytes, RegistryValue | None] = {}  # replicas mostly agree
+        close = {node.id for node in found.closest}
+        target = int.from_bytes(key)
         replicas = [
-            Replica(
-                None,
-                self._decode(key, self.storage.get(key), decoded),
-                self._is_close(target, list(crawl.nearest)),
-            )
+            Replica(node, reply.value, node.id in close, node.long_id ^ target)
+            for node, reply in found.answers
         ]
-        for node, raw in answers.values():
-            value = self._decode(key, raw, decoded)
-            replicas.append(Replica(node, value, node.id in close))
+        mine = self.node.long_id ^ target
+        replicas.append(
+            Replica(None, self.storage.value(key), self._is_close(key, found), mine)
+        )
+        replicas.sort(key=lambda r: r.distance)
         return replicas
 
-    def _decode(
-        self, key: bytes, raw: bytes | None, cache: dict[bytes, RegistryValue | None]
-    ) -> RegistryValue | None:
-        if raw is None:
-            return None
-        if raw not in cache:
-            try:
-                cache[raw] = decode_value(self.serializer, key, raw)
-            except (DecodeError, InvalidRecord) as exc:
-                log.info("ignored an invalid value for %s: %s", key.hex()[:12], exc)
-                cache[raw] = None
-        return cache[raw]
-
-    def _is_close(self, target: Node, nearest: list[Node]) -> bool:
-        """Whether this node is among the `ksize` closest to `target`."""
-        if len(nearest) < self.ksize:
+    def _is_close(self, key: bytes, found: LookupResult) -> bool:
+        """Whether this node is among the `ksize` closest to `key`."""
+        if len(found.closest) < self.ksize:
             return True
-        mine = target.long_id ^ self.node.long_id
-        return bool(mine < max(target.long_id ^ n.long_id for n in nearest))
+        target = int.from_bytes(key)
+        farthest = max(n.long_id ^ target for n in found.closest)
+        return bool(self.node.long_id ^ target < farthest)
 
     async def write(
         self, key: bytes, value: RegistryValue, *, patient: bool = False
     ) -> list[tuple[Node | None, StoreReply | None]]:
         """Store `value` on the nodes closest to `key` (and here, if close).
 
-        Returns each node's reply (None: no answer; node None: this node).
-        Slow nodes are not waited for (see `settle`) unless `patient`: then
-        every node's reply, or its timeout, is awaited, for writes whose
-        outcome depends on every reply (a claim must hear the nodes that
-        hold a taken name).
+        Returns each node's reply (None: no usable answer; node None: this
+        node's own storage). Slow nodes are not waited for (see
+        `settle`) unless `patient`: then every node's reply, or its timeout,
+        is awaited, for writes whose outcome depends on every reply (a claim
+        must hear the nodes that hold a taken name).
 
         Raises:
             RegistryUnavailable: No other node is known, or none answered.
@@ -440,11 +311,11 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
     async def _store_everywhere(
         self, key: bytes, raw: bytes, *, patient: bool = False
     ) -> list[tuple[Node | None, StoreReply | None]]:
-        target = Node(key)
-        nodes = await self._closest_nodes(target, patient=patient)
+        found = await self._closest_nodes(key, patient=patient)
+        nodes = found.closest
         replies: list[tuple[Node | None, StoreReply | None]] = []
-        if self._is_close(target, nodes):
-            replies.append((None, self.storage.offer(key, raw)))
+        if self._is_close(key, found):
+            replies.append((None, self._local_reply(key, self.storage.offer(key, raw))))
         calls = [
             asyncio.ensure_future(self.protocol.call_store(n, key, raw)) for n in nodes
         ]
@@ -460,20 +331,30 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
             self._lookups.pop(key, None)
         return replies
 
-    async def _closest_nodes(self, target: Node, *, patient: bool) -> list[Node]:
-        cached = self._lookups.get(target.id)
+    def _local_reply(self, key: bytes, result: StoreResult) -> StoreReply:
+        """This node's own storage outcome, as a reply like any other's."""
+        held = None
+        if result.held is not None:
+            held = self.serializer.decode(result.held, RegistryValue)
+        return StoreReply(
+            responder=self.node.id,
+            token=b"",
+            outcome=result.outcome,
+            held=held,
+            refused=result.refused,
+            withheld=False,
+        )
+
+    async def _closest_nodes(self, key: bytes, *, patient: bool) -> LookupResult:
+        cached = self._lookups.get(key)
         if cached is not None and time.monotonic() - cached[0] < _LOOKUP_TTL:
             return cached[1]
-        nearest = self.protocol.router.find_neighbors(target)
-        spider = _NodeCrawl(
-            self.protocol, target, nearest, self.ksize, self.alpha, patient=patient
-        )
-        nodes: list[Node] = await spider.find()
-        self._lookups[target.id] = (time.monotonic(), nodes)
-        self._lookups.move_to_end(target.id)
+        found = await self._lookup(key, patient=patient)
+        self._lookups[key] = (time.monotonic(), found)
+        self._lookups.move_to_end(key)
         while len(self._lookups) > 1024:
             self._lookups.popitem(last=False)
-        return nodes
+        return found
 
     def repair(
         self, key: bytes, value: RegistryValue, replicas: list[Node | None]

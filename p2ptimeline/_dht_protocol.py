@@ -1,337 +1,102 @@
-"""The UDP side of the registry: `kademlia`'s protocol, storage and routing, hardened.
+"""The UDP side of the registry: `kademlia`'s protocol, hardened for an open network.
 
 `RegistryProtocol` extends `kademlia.protocol.KademliaProtocol` (itself an
-`rpcudp.RPCProtocol`). It keeps the wire format (a kind byte, a 20-byte
-message id, msgpack of ``[name, args]``) and the four Kademlia RPCs, and
-changes what is unsafe or wrong for a registry:
+`rpcudp.RPCProtocol`). It keeps rpcudp's framing and the four Kademlia RPCs,
+in the second version described in `_dht_wire` (address tokens, answers
+that name their responder), and changes what is unsafe or wrong for a
+registry on an open network:
 
-* Messages are packed with the `msgpack` C library (the same bytes rpcudp's
-  pure-Python `umsgpack` writes, at a twentieth of the cost).
 * Datagrams are handled synchronously and defensively: anything that does
   not parse, names an unknown RPC or carries arguments of the wrong shape is
   dropped with a log line (rpcudp raises inside a task for some of these).
-* ``store`` goes through `RecordStorage`, which validates and merges
-  (`p2ptimeline._records`) and answers with an outcome, not just ``True``.
-* ``find_value`` answers with the value *and* the closest nodes, so a reader
-  can keep looking for newer replicas.
-* Answers from remote nodes are validated before use: a malformed node list
-  or value is treated like no answer.
-* Known `kademlia` 2.2.3 bugs are worked around (see `docs/architecture.md`):
-  `find_neighbors` returning nodes that are not the closest, `welcome_if_new`
-  hashing an already hashed key, background tasks nobody owns.
+* An address that has not proven it receives our datagrams (with a token)
+  gets at most three times the bytes it sent (`_dht_wire.AMPLIFICATION`),
+  cannot store anything, and does not enter the routing table. A node that
+  proves its address is pinged, and joins the routing table, and is handed
+  the values it should hold, only once it answers: a contact is always a
+  node that answered a request of ours.
+* ``store`` goes through `RecordStorage`, which validates, merges and keeps
+  within a byte budget and per-sender quotas; a node refuses keys it is far
+  from (it knows `ksize` nodes closer to them). A ``stale`` or ``taken``
+  answer carries the value held, so the writer can check it.
+* Answers from remote nodes are checked into typed replies (`FoundReply`,
+  `StoreReply`) where they arrive: a malformed answer is no answer, a
+  responder that is not the node we asked is not taken for it, an invalid
+  value is dropped.
+* Hand-over of values to newcomers (paper, section 2.5) finds the keys near
+  the newcomer by binary search, and is bounded per newcomer and in bytes
+  per second.
+* Known `kademlia` 2.2.3 bugs are worked around (see `docs/architecture.md`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import collections
 import contextlib
-import functools
-import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-import msgpack
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
-from kademlia.routing import KBucket, RoutingTable
-from kademlia.storage import IStorage
 from rpcudp.protocol import RPCProtocol
 
-from ._errors import DecodeError, InvalidRecord
-from ._records import MAX_VALUE_SIZE, Outcome, RegistryValue, check_value, merge
-from ._serializer import Serializer
+from ._dht_routing import RegistryRoutingTable
+from ._dht_storage import RecordStorage, StoreResult, decode_value
+from ._dht_wire import (
+    AMPLIFICATION,
+    ID_SIZE,
+    PADDED_SIZE,
+    FoundReply,
+    Request,
+    StoreReply,
+    Tokens,
+    answer_bytes,
+    is_id,
+    pack,
+    padding,
+    parse_found,
+    parse_ping,
+    parse_request,
+    parse_stored,
+    source_of,
+    unpack,
+)
+from ._records import Outcome, RegistryValue
 
-__all__ = [
-    "ALIVE_FOR",
-    "MAX_DATAGRAM",
-    "RecordStorage",
-    "RegistryProtocol",
-    "StoreReply",
-]
+__all__ = ["MAX_DATAGRAM", "UNREACHABLE_FOR", "RegistryProtocol"]
 
 log = logging.getLogger("p2ptimeline.dht")
 
 UNREACHABLE_FOR = 15.0
 """Seconds a node that did not answer (twice) is treated as gone."""
-ALIVE_FOR = 60.0
-"""Seconds after a contact was last heard from that it is taken to be
-there without asking (a ping)."""
 MAX_DATAGRAM = 8192 + 64
 """Largest datagram read; rpcudp itself refuses to send requests over 8 KB."""
 _REQUEST, _RESPONSE = b"\x00", b"\x01"
-_ID_SIZE = 20
-
-StoreReply = tuple[Outcome, Any]
-"""A storage node's answer to ``store``: the outcome and a detail (for a
-shard, the indices of refused entries; for a stale record, the held seq)."""
-NodeTriple = tuple[bytes, str, int]
-
-
-class RecordStorage(IStorage):  # type: ignore[misc]  # untyped base class
-    """`kademlia` storage that only keeps valid registry values.
-
-    Every write goes through `offer`: the value is decoded, checked against
-    its key (`check_value`) and merged with what is held (`merge`). The
-    storage holds at most `max_keys` keys, evicting the least recently
-    written ones first.
-
-    Args:
-        serializer: Decodes the values.
-        capacity: Entries per set shard (`shard_capacity`).
-        max_keys: Most keys held at once.
-    """
-
-    def __init__(
-        self, serializer: Serializer, capacity: int, *, max_keys: int = 100_000
-    ) -> None:
-        self._serializer = serializer
-        self._capacity = capacity
-        self._max_keys = max_keys
-        # key -> (monotonic time of last change, encoded value, decoded value)
-        self._data: collections.OrderedDict[
-            bytes, tuple[float, bytes, RegistryValue]
-        ] = collections.OrderedDict()
-
-    def offer(self, key: bytes, raw: bytes) -> StoreReply:
-        """Validate `raw` and merge it into what is held under `key`."""
-        try:
-            value = decode_value(self._serializer, key, raw)
-        except (DecodeError, InvalidRecord) as exc:
-            log.info("refused a value for %s: %s", key.hex()[:12], exc)
-            return Outcome.INVALID, str(exc)
-        return self.offer_value(key, value, raw)
-
-    def offer_value(
-        self, key: bytes, value: RegistryValue, raw: bytes | None = None
-    ) -> StoreReply:
-        """Merge an already validated `value` (encoded as `raw`) under `key`."""
-        held = self._data.get(key)
-        kept, outcome, refused = merge(
-            held[2] if held else None, value, capacity=self._capacity
-        )
-        if held is None or kept != held[2]:
-            if kept is not value or raw is None:
-                raw = self._serializer.encode(kept)
-            self._keep(key, raw, kept)
-        elif kept == value:
-            # Stored again as is (a replica republishing): as fresh as new, so
-            # this node need not republish it within the hour (paper, 2.5).
-            self._keep(key, held[1], kept)
-        if outcome is Outcome.STALE:
-            assert held is not None
-            record = held[2].claim or held[2].presence
-            return outcome, record.seq if record else None
-        return outcome, refused
-
-    def _keep(self, key: bytes, raw: bytes, value: RegistryValue) -> None:
-        self._data[key] = (time.monotonic(), raw, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self._max_keys:
-            self._data.popitem(last=False)
-
-    def value(self, key: bytes) -> RegistryValue | None:
-        """The decoded value held under `key`, if any."""
-        held = self._data.get(key)
-        return held[2] if held else None
-
-    # The IStorage interface, used by kademlia's Server and by RPCs.
-
-    def __setitem__(self, key: bytes, value: bytes) -> None:
-        self.offer(key, value)
-
-    def __getitem__(self, key: bytes) -> bytes:
-        return self._data[key][1]
-
-    def get(self, key: bytes, default: bytes | None = None) -> bytes | None:
-        held = self._data.get(key)
-        return held[1] if held else default
-
-    def iter_older_than(self, seconds_old: float) -> list[tuple[bytes, bytes]]:
-        cutoff = time.monotonic() - seconds_old
-        return [(k, raw) for k, (at, raw, _) in self._data.items() if at <= cutoff]
-
-    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        return iter([(k, raw) for k, (_, raw, _) in self._data.items()])
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-
-def decode_value(serializer: Serializer, key: bytes, raw: bytes) -> RegistryValue:
-    """Decode and check a value read from or written to `key`.
-
-    Raises:
-        DecodeError: It is not a registry value.
-        InvalidRecord: It is too large, forged, or not `key`'s.
-    """
-    if len(raw) > MAX_VALUE_SIZE:
-        raise InvalidRecord(f"value of {len(raw)} bytes is too large")
-    value = serializer.decode(raw, RegistryValue)
-    check_value(key, value)
-    return value
-
-
-class _RoutingTable(RoutingTable):  # type: ignore[misc]  # untyped base class
-    """`kademlia`'s routing table with its lookup and task handling fixed."""
-
-    protocol: RegistryProtocol
-
-    def flush(self) -> None:
-        super().flush()
-        self._contacts: list[Node] | None = None  # all contacts, rebuilt on change
-        self._by_long_id: dict[int, Node] = {}  # the contacts by id as a number
-        self._sorted_ids: list[int] = []  # those numbers, in order
-        self._uppers: list[int] | None = None  # bucket upper bounds, for bisect
-        self._heard: dict[bytes, float] = {}  # node id -> when it last answered
-
-    def heard_from(self, node: Node) -> bool:
-        """Note that `node` answered or asked something just now; whether it
-        is a known contact back at another address (a restarted node).
-
-        kademlia 2.2.3 leaves a known contact where it is in its bucket, so
-        that a bucket's head is the oldest contact rather than the least
-        recently seen; a known contact moves to the tail here, with its new
-        address if it came back on another one.
-        """
-        self._heard[node.id] = time.monotonic()
-        bucket = self.buckets[self.get_bucket_for(node)]
-        known = bucket.nodes.get(node.id)
-        if known is None:
-            return False
-        moved = (known.ip, known.port) != (node.ip, node.port)
-        if moved:
-            bucket.nodes[node.id] = node
-            self._contacts = None
-        bucket.nodes.move_to_end(node.id)
-        return moved
-
-    def most_silent_head(self, silence: float) -> Node | None:
-        """Of the least recently seen contacts of the buckets, the one silent
-        the longest, if it has not been heard from for `silence` seconds."""
-        contacts = self.contacts()
-        if len(self._heard) > 2 * len(contacts) + 1024:  # forget old contacts
-            known = {n.id for n in contacts}
-            self._heard = {i: t for i, t in self._heard.items() if i in known}
-        heads = [_head(b) for b in self.buckets if len(b)]
-        head = min(heads, key=self._last_heard, default=None)
-        if head is None or self._last_heard(head) >= time.monotonic() - silence:
-            return None
-        return head
-
-    def _last_heard(self, node: Node) -> float:
-        return self._heard.get(node.id, 0.0)
-
-    def find_neighbors(
-        self, node: Node, k: int | None = None, exclude: Node | None = None
-    ) -> list[Node]:
-        # kademlia 2.2.3 stops after the first k nodes met walking outwards
-        # bucket by bucket, which are not the k closest by XOR distance.
-        k = k or self.ksize
-        target = node.long_id
-        self.contacts()  # rebuilds the sorted ids if the table changed
-        ids, by_id = self._sorted_ids, self._by_long_id
-        home = None if exclude is None else (exclude.ip, exclude.port)
-        nearest = [
-            n
-            for n in (by_id[ids[i]] for i in _nearest(ids, target, k + 2))
-            if n.long_id != target and (home is None or (n.ip, n.port) != home)
-        ]
-        nearest.sort(key=lambda n: n.long_id ^ target)
-        return nearest[:k]
-
-    def contacts(self) -> list[Node]:
-        """Every node in the table (a cached list, rebuilt after changes)."""
-        if self._contacts is None:
-            self._contacts = [n for b in self.buckets for n in b.nodes.values()]
-            self._by_long_id = {n.long_id: n for n in self._contacts}
-            self._sorted_ids = sorted(self._by_long_id)
-        return self._contacts
-
-    def get_bucket_for(self, node: Node) -> int:
-        # kademlia 2.2.3 scans the buckets and compares with < against the
-        # inclusive upper bound; bisect over the upper bounds instead.
-        if self._uppers is None:
-            self._uppers = [bucket.range[1] for bucket in self.buckets]
-        return min(
-            bisect.bisect_left(self._uppers, node.long_id), len(self._uppers) - 1
-        )
-
-    def split_bucket(self, index: int) -> None:
-        super().split_bucket(index)
-        self._uppers = None
-        self._contacts = None  # the bucket's replacement nodes moved in
-
-    def add_contact(self, node: Node) -> None:
-        index = self.get_bucket_for(node)
-        bucket = self.buckets[index]
-        known = bucket.nodes.get(node.id)
-        if bucket.add_node(node):
-            if known is None or (known.ip, known.port) != (node.ip, node.port):
-                self._contacts = None
-            return
-        if bucket.has_in_range(self.node) or _depth(bucket) % 5 != 0:
-            self.split_bucket(index)
-            self.add_contact(node)
-            return
-        # A full bucket: ask its least recently seen contact whether it is
-        # still there (an owned task), unless it was heard from lately.
-        # kademlia pings it for every message from a node not in the table.
-        head = _head(bucket)
-        if self._last_heard(head) < time.monotonic() - ALIVE_FOR:
-            self.protocol.spawn(self.protocol.call_ping(head))
-
-    def remove_contact(self, node: Node) -> None:
-        if node.id in self.buckets[self.get_bucket_for(node)].nodes:
-            self._contacts = None
-        super().remove_contact(node)
-
-
-def _nearest(ids: list[int], target: int, count: int) -> Iterator[int]:
-    """Indices of the `count` ids nearest to `target` by XOR distance, in no
-    particular order, among `ids` (sorted, distinct), by a few binary
-    searches rather than a pass over every id.
-
-    The ids sharing a prefix are a slice of `ids`. Starting from all of
-    them, split the slice at the first bit where its ids differ: the half
-    that agrees with `target` on that bit is nearer than the other half. If
-    it holds fewer ids than still wanted, all of it is taken and the search
-    goes on in the other half; otherwise in it alone.
-    """
-    low, high = 0, len(ids)
-    while high - low > count:
-        bit = (ids[low] ^ ids[high - 1]).bit_length() - 1
-        middle = bisect.bisect_left(ids, (ids[low] >> bit | 1) << bit, low, high)
-        if target >> bit & 1:
-            near, far = (middle, high), (low, middle)
-        else:
-            near, far = (low, middle), (middle, high)
-        if near[1] - near[0] >= count:
-            low, high = near
-        else:
-            yield from range(*near)
-            count -= near[1] - near[0]
-            low, high = far
-    yield from range(low, high)
-
-
-def _head(bucket: KBucket) -> Node:
-    """A bucket's least recently seen contact (`KBucket.head` copies all)."""
-    return next(iter(bucket.nodes.values()))
-
-
-def _depth(bucket: KBucket) -> int:
-    """Bits shared by all ids in a bucket (kademlia's `KBucket.depth`, in O(n))."""
-    ids = [n.long_id for n in bucket.nodes.values()]
-    return 160 - (min(ids) ^ max(ids)).bit_length() if ids else 160
+_CHECK_AGAIN_AFTER = 30.0  # seconds before a requester is pinged again
+_MAX_CHECKS = 32  # pings of new requesters in flight at once
+_HANDOVER_PER_NODE = 64  # values handed to one newcomer at most
+_HANDOVER_SCAN = 1024  # stored keys examined per newcomer at most
+_HANDOVER_RATE = 64 * 1024  # bytes per second handed over, on average
+_HANDOVER_BURST = 256 * 1024  # ... and at most in one burst
+_TOKENS_HELD = 10_000  # tokens of other nodes remembered
+_PING_SIZE = 64  # bytes of a ping datagram, at most (without a token)
 
 
 class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
-    """The hardened Kademlia protocol of a registry node."""
+    """The hardened Kademlia protocol of a registry node.
+
+    Args:
+        source_node: This node.
+        storage: Where values are kept.
+        ksize: Kademlia's k.
+        wait_timeout: Seconds a call waits for its answer.
+        clock: The current time in seconds since the epoch (checks the
+            `seq` of values read and written).
+    """
 
     storage: RecordStorage
     transport: asyncio.DatagramTransport | None
@@ -343,11 +108,13 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         ksize: int,
         *,
         wait_timeout: float,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         RPCProtocol.__init__(self, wait_timeout=wait_timeout)
-        self.router = _RoutingTable(self, ksize, source_node)
+        self.router = RegistryRoutingTable(self, ksize, source_node)
         self.storage = storage
         self.source_node = source_node
+        self._clock = clock
         self._tasks: set[asyncio.Future[Any]] = set()
         self._closed: asyncio.Future[None] = asyncio.Future()
         # address -> when it last failed to answer. Lookups skip such nodes
@@ -355,12 +122,18 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         # nodes keep naming a dead node until their own requests to it fail.
         self._unreachable: dict[tuple[str, int], float] = {}
         self._welcomed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
-        self._handlers: dict[str, Callable[..., Any]] = {
-            "ping": self.rpc_ping,
-            "store": self.rpc_store,
-            "find_node": self.rpc_find_node,
-            "find_value": self.rpc_find_value,
-        }
+        self._tokens = Tokens()
+        # address -> the token it gave us, for our next requests to it
+        self._held_tokens: collections.OrderedDict[tuple[str, int], bytes] = (
+            collections.OrderedDict()
+        )
+        # address -> when it was last pinged because it asked us something
+        self._checked: collections.OrderedDict[tuple[str, int], float] = (
+            collections.OrderedDict()
+        )
+        self._checks = 0
+        self._handover_budget = float(_HANDOVER_BURST)
+        self._handover_refilled = time.monotonic()
 
     # Lifecycle
 
@@ -409,43 +182,107 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
     # Incoming datagrams
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        if not _ID_SIZE + 2 <= len(data) <= MAX_DATAGRAM:
+        if not ID_SIZE + 2 <= len(data) <= MAX_DATAGRAM:
             log.info("dropped a datagram of %d bytes from %s", len(data), addr)
             return
-        kind, msg_id = data[:1], data[1 : _ID_SIZE + 1]
+        kind, msg_id = data[:1], data[1 : ID_SIZE + 1]
         try:
-            message = _unpack(data[_ID_SIZE + 1 :])
+            message = unpack(data[ID_SIZE + 1 :])
         except Exception as exc:  # anything msgpack raises on garbage
             log.info("dropped an undecodable datagram from %s: %r", addr, exc)
             return
         if kind == _REQUEST:
-            self._answer(msg_id, message, addr)
+            self._answer(msg_id, message, addr, len(data))
         elif kind == _RESPONSE:
             self._accept_response(msg_id, message, addr)
         else:
             log.info("dropped a datagram of unknown kind from %s", addr)
 
-    def _answer(self, msg_id: bytes, message: Any, addr: tuple[str, int]) -> None:
-        if (
-            not isinstance(message, list)
-            or len(message) != 2
-            or not isinstance(message[0], str)
-            or not isinstance(message[1], list)
-        ):
-            log.info("dropped a malformed request from %s", addr)
-            return
-        name, args = message
-        handler = self._handlers.get(name)
-        if handler is None:
-            log.info("dropped a request for unknown RPC %.40r from %s", name, addr)
-            return
+    def _answer(
+        self, msg_id: bytes, message: object, addr: tuple[str, int], size: int
+    ) -> None:
         try:
-            response = handler(addr, *args)
+            request = parse_request(message)
+            now = time.monotonic()
+            proven = request.extra is not None and self._tokens.check(
+                addr, request.extra, now
+            )
+            checking = self._heard_from(
+                Node(request.sender_id, addr[0], addr[1]), proven
+            )
+            answer = self._handle(request, addr, proven)
         except (TypeError, ValueError) as exc:
-            log.info("dropped a bad %s request from %s: %s", name, addr, exc)
+            log.info("dropped a bad request from %s: %s", addr, exc)
             return
+        answer["id"] = self.source_node.id
+        answer["token"] = self._tokens.issue(addr, now)
+        budget = None
+        if not proven:  # what we send there: the answer, and maybe a ping
+            budget = (
+                AMPLIFICATION * size - ID_SIZE - 1 - (_PING_SIZE if checking else 0)
+            )
+        data = answer_bytes(
+            answer,
+            plain=None if request.extra is not None else request.name,
+            budget=budget,
+        )
         if self.transport is not None:
-            self.transport.sendto(_RESPONSE + msg_id + _pack(response), addr)
+            self.transport.sendto(_RESPONSE + msg_id + data, addr)
+
+    def _handle(
+        self, request: Request, addr: tuple[str, int], proven: bool
+    ) -> dict[str, Any]:
+        """Our answer's fields; raises TypeError/ValueError on bad arguments."""
+        name, args = request.name, request.args
+        if name == "ping":
+            return {}
+        key = _key(args[0])
+        if name == "store":
+            result = self._store(key, args[1], addr, proven)
+            answer: dict[str, Any] = {"outcome": result.outcome.value}
+            if result.held is not None:
+                answer["held"] = result.held
+            if result.refused:
+                answer["refused"] = list(result.refused)
+            if result.reason == _UNPROVEN:
+                answer["withheld"] = True
+            return answer
+        neighbors = self.router.find_neighbors(
+            Node(key), exclude=Node(request.sender_id, addr[0], addr[1])
+        )
+        answer = {"nodes": [tuple(n) for n in neighbors]}
+        if name == "find_value":
+            value = self.storage.get(key)
+            if value is not None:
+                answer["value"] = value
+        return answer
+
+    def _store(
+        self, key: bytes, value: object, addr: tuple[str, int], proven: bool
+    ) -> StoreResult:
+        if not isinstance(value, bytes):
+            raise TypeError("a value is bytes")
+        if not proven:  # its sender may be anyone: nothing is charged to it
+            return StoreResult(Outcome.REFUSED, reason=_UNPROVEN)
+        if self._is_far(key):
+            return StoreResult(Outcome.REFUSED, reason="far from the key")
+        result = self.storage.offer(
+            key, value, source=source_of(addr), now_ms=self._now_ms()
+        )
+        if result.outcome is Outcome.INVALID:
+            log.info("refused a value for %s: %s", key.hex()[:12], result.reason)
+        return result
+
+    def _is_far(self, key: bytes) -> bool:
+        """Whether `ksize` contacts are closer to `key` than this node: the
+        value belongs to them, and taking it would only let anyone fill this
+        node's storage with keys of their choosing."""
+        target = int.from_bytes(key)
+        nearest = self.router.find_neighbors(Node(key))
+        mine = self.source_node.long_id ^ target
+        return len(nearest) >= self.router.ksize and all(
+            n.long_id ^ target < mine for n in nearest
+        )
 
     def _accept_response(self, msg_id: bytes, data: Any, address: Any) -> None:
         pending = self._outstanding.pop(msg_id, None)
@@ -462,65 +299,93 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         if pending is not None and not pending[0].done():
             pending[0].set_result((False, None))
 
-    # RPC handlers. Arguments come from the network: check them first.
+    # The routing table: contacts are nodes that answered us
 
-    def _source(self, sender: tuple[str, int], nodeid: object) -> Node:
-        source = Node(_node_id(nodeid), sender[0], sender[1])
-        self._unreachable.pop(sender, None)  # it is back
-        self.welcome_if_new(source)
-        return source
+    def _heard_from(self, node: Node, proven: bool) -> bool:
+        """A node asked us something: note it if it is a contact and proved
+        its address; if it is new here (or back at another address), ping it
+        (at most once in `_CHECK_AGAIN_AFTER` seconds per address), and take
+        it in if it answers. Whether a ping is sent."""
+        address = (node.ip, node.port)
+        if self.router.knows(node):
+            if proven:
+                self._unreachable.pop(address, None)  # it is back
+                self.router.heard_from(node)
+            return False
+        checked = self._checked.get(address)
+        now = time.monotonic()
+        if self._checks >= _MAX_CHECKS or (
+            checked is not None and now - checked < _CHECK_AGAIN_AFTER
+        ):
+            return False
+        self._checked[address] = now
+        self._checked.move_to_end(address)
+        while len(self._checked) > _TOKENS_HELD:
+            self._checked.popitem(last=False)
+        self._checks += 1
+        self.spawn(self._check(node))
+        return True
 
-    def rpc_ping(self, sender: tuple[str, int], nodeid: object) -> bytes:
-        self._source(sender, nodeid)
-        return bytes(self.source_node.id)
-
-    def rpc_store(
-        self, sender: tuple[str, int], nodeid: object, key: object, value: object
-    ) -> list[Any]:
-        self._source(sender, nodeid)
-        if not isinstance(value, bytes):
-            raise TypeError("value must be bytes")
-        outcome, detail = self.storage.offer(_node_id(key), value)
-        return [outcome.value, detail if outcome is not Outcome.INVALID else None]
-
-    def rpc_find_node(
-        self, sender: tuple[str, int], nodeid: object, key: object
-    ) -> list[NodeTriple]:
-        source = self._source(sender, nodeid)
-        neighbors = self.router.find_neighbors(Node(_node_id(key)), exclude=source)
-        return [tuple(n) for n in neighbors]
-
-    def rpc_find_value(
-        self, sender: tuple[str, int], nodeid: object, key: object
-    ) -> dict[str, Any] | list[NodeTriple]:
-        nodes = self.rpc_find_node(sender, nodeid, key)
-        value = self.storage.get(_node_id(key))
-        if value is None:
-            return nodes
-        return {"value": value, "nodes": nodes}
+    async def _check(self, node: Node) -> None:
+        try:
+            await self.call_ping(node)
+        finally:
+            self._checks -= 1
 
     def welcome_if_new(self, node: Node) -> None:
-        """Add a node we just heard from; hand it the values it should hold.
+        """Take in a node that just answered a request of ours; hand it the
+        values it should hold if it is new.
 
         As in kademlia (section 2.5 of the paper: a node hands over a value
         when the newcomer is among the k closest to its key and it is the
-        closest itself), but hashing each key once, not twice; checking the
-        cheap condition first (is any contact closer than this node?) so
-        that a newcomer costs a scan, not a sort, per stored key; welcoming
-        a node once even while its bucket is full; and again when it comes
-        back at another address, restarted and maybe with nothing stored.
+        closest itself), but only to nodes that answered us, once per node
+        (and again when it comes back at another address, restarted and
+        maybe with nothing stored), for the keys near it only, and within a
+        budget of bytes per second.
         """
         restarted = self.router.heard_from(node)  # with an empty storage, maybe
-        if not restarted and not self.router.is_new_node(node):
-            return
-        if restarted or node.id not in self._welcomed:
+        new = self.router.is_new_node(node) and node.id not in self._welcomed
+        if restarted or new:
             self._welcomed[node.id] = None
             if len(self._welcomed) > 10_000:
                 self._welcomed.popitem(last=False)
-            for key, value in self.storage:
-                if self._should_hand_over(node, key):
-                    self.spawn(self.call_store(node, key, value))
+            self._hand_over(node)
         self.router.add_contact(node)
+
+    def _hand_over(self, newcomer: Node) -> None:
+        now = time.monotonic()
+        self._handover_budget = min(
+            _HANDOVER_BURST,
+            self._handover_budget + (now - self._handover_refilled) * _HANDOVER_RATE,
+        )
+        self._handover_refilled = now
+        sent = 0
+        for key in self._keys_near(newcomer):
+            if sent >= _HANDOVER_PER_NODE:
+                break
+            if not self._should_hand_over(newcomer, key):
+                continue
+            raw = self.storage.get(key)
+            if raw is None:
+                continue
+            if len(raw) > self._handover_budget:
+                log.info("hand-over budget spent: %s gets the rest later", newcomer)
+                break
+            self._handover_budget -= len(raw)
+            sent += 1
+            self.spawn(self.call_store(newcomer, key, raw))
+
+    def _keys_near(self, newcomer: Node) -> list[bytes]:
+        """Stored keys the newcomer may be among the k closest to: those
+        sharing its id's prefix down to a little beyond the distance to its
+        k-th nearest contact (by binary search over the sorted keys)."""
+        nearest = self.router.find_neighbors(newcomer, exclude=newcomer)
+        bits = 160
+        if len(nearest) >= self.router.ksize:
+            radius = max(n.long_id ^ newcomer.long_id for n in nearest)
+            bits = min(160, radius.bit_length() + 2)
+        low = newcomer.long_id >> bits << bits
+        return self.storage.keys_between(low, low + (1 << bits))[:_HANDOVER_SCAN]
 
     def _should_hand_over(self, newcomer: Node, key: bytes) -> bool:
         # The newcomer itself is among the contacts when it came back (at
@@ -533,12 +398,11 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             return True
         return bool(newcomer.long_id ^ target < nearest[-1].long_id ^ target)
 
-    # Outgoing calls. Each returns None when the node did not answer or
-    # answered garbage, and keeps the routing table up to date.
+    # Outgoing calls
 
     async def call(
         self, address: tuple[str, int], name: str, *args: Any, force: bool = False
-    ) -> Any:
+    ) -> tuple[bool, Any]:
         """Call `name` on `address`; returns ``(answered, result)``.
 
         UDP loses datagrams: a request not answered within half the RPC
@@ -550,12 +414,12 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         """
         if self.transport is None:
             return (False, None)
-        if not force and self._recently_unreachable(address):
+        if not force and self.recently_unreachable(address):
             return (False, None)
-        payload = _pack([name, list(args)])
+        payload = pack([name, list(args)])
         if len(payload) > 8192:
             raise ValueError(f"{name} request of {len(payload)} bytes is too large")
-        msg_id = os.urandom(_ID_SIZE)
+        msg_id = os.urandom(ID_SIZE)
         datagram = _REQUEST + msg_id + payload
         loop = asyncio.get_running_loop()
         future: asyncio.Future[tuple[bool, Any]] = loop.create_future()
@@ -596,7 +460,9 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
                 forgiven = True
         return forgiven
 
-    def _recently_unreachable(self, address: tuple[str, int]) -> bool:
+    def recently_unreachable(self, address: tuple[str, int]) -> bool:
+        """Whether calls to `address` fail at once for now (it did not answer
+        lately, and some contact did not fail)."""
         failed = self._unreachable.get(address)
         if failed is None:
             return False
@@ -609,117 +475,135 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             (n.ip, n.port) not in self._unreachable for n in self.router.contacts()
         )
 
-    async def _call_node(
+    async def _rpc(
         self, node: Node, name: str, *args: Any, force: bool = False
-    ) -> Any:
+    ) -> tuple[bool, Any]:
+        """Call `name` on `node` in our version of the RPC: with the token
+        it gave us, or padding if we have none. Returns ``(answered,
+        unpacked answer)``, and whether a token was sent."""
         address = (node.ip, node.port)
-        result = await self.call(address, name, self.source_node.id, *args, force=force)
-        return self.handle_call_response(result, node)
+        extra = self._held_tokens.get(address)
+        if extra is None and name.startswith("find"):
+            unpadded = len(pack([name, [self.source_node.id, *args, b""]])) + 21
+            extra = padding(unpadded) if unpadded < PADDED_SIZE else b""
+        return await self.call(
+            address, name, self.source_node.id, *args, extra or b"", force=force
+        )
 
-    async def call_ping(self, node: Node) -> tuple[bool, Any]:
-        ok, data = await self._call_node(node, "ping")
-        return (ok and _is_node_id(data), data)
+    def _answered(self, node: Node, responder: bytes | None, token: bytes) -> bool:
+        """Note an answer of `node` (which says it is `responder`); whether
+        it is the node we asked."""
+        address = (node.ip, node.port)
+        self._held_tokens[address] = token
+        self._held_tokens.move_to_end(address)
+        while len(self._held_tokens) > _TOKENS_HELD:
+            self._held_tokens.popitem(last=False)
+        if responder == node.id:
+            self.welcome_if_new(node)
+            return True
+        # Another node answers there: the one we asked restarted with a new
+        # id, or whoever named it lied. Trust only what answered.
+        log.debug("%s answered as %s", node, (responder or b"").hex()[:12])
+        self.router.remove_contact(node)
+        if responder is not None:
+            self.welcome_if_new(Node(responder, node.ip, node.port))
+        return False
 
-    async def call_store(
-        self, node: Node, key: bytes, value: bytes
-    ) -> StoreReply | None:
-        """Ask `node` to store; None when it did not answer sensibly.
+    def _silent(self, node: Node) -> None:
+        log.debug("no response from %s, removing it from the routing table", node)
+        self.router.remove_contact(node)
+
+    async def call_ping(self, node: Node) -> bytes | None:
+        """Ping `node`; the id it answers with (None: no answer, or another
+        id than `node`'s)."""
+        ok, data = await self._rpc(node, "ping", force=True)
+        reply = parse_ping(data) if ok else None
+        if reply is None:
+            if ok:
+                log.info("garbage ping reply from %s", node)
+            self._silent(node)
+            return None
+        return (
+            reply.responder
+            if self._answered(node, reply.responder, reply.token)
+            else None
+        )
+
+    async def ping_address(self, address: tuple[str, int]) -> bytes | None:
+        """Ping whatever node listens at `address` (a bootstrap node whose id
+        we do not know); its id, and it joins the routing table."""
+        ok, data = await self.call(
+            address, "ping", self.source_node.id, b"", force=True
+        )
+        reply = parse_ping(data) if ok else None
+        if reply is None:
+            return None
+        self._answered(Node(reply.responder, *address), reply.responder, reply.token)
+        return reply.responder
+
+    async def call_store(self, node: Node, key: bytes, raw: bytes) -> StoreReply | None:
+        """Ask `node` to store; its checked reply, or None (no answer, or
+        nothing that can be believed).
 
         A store is sent even to a node recently found unreachable: it is one
         of the few that should hold the value, and a loaded node is slow,
         not gone (writes do not wait for it long; see `settle`).
         """
-        ok, data = await self._call_node(node, "store", key, value, force=True)
-        if ok and isinstance(data, list) and len(data) == 2:
-            try:
-                return Outcome(data[0]), data[1]
-            except ValueError:
-                pass
-        elif ok and data is True:  # a plain kademlia node
-            return Outcome.STORED, None
-        if ok:
-            log.info("garbage store reply from %s", node)
-        return None
+        had_token = (node.ip, node.port) in self._held_tokens
+        ok, data = await self._rpc(node, "store", key, raw, force=True)
+        reply = parse_stored(data, self._decoder(key)) if ok else None
+        if reply is None:
+            if ok:
+                log.info("unusable store reply from %s", node)
+            else:
+                self._silent(node)
+            return None
+        if not self._answered(node, reply.responder, reply.token):
+            return None
+        if reply.withheld and not had_token:  # now we have a token: again
+            return await self.call_store(node, key, raw)
+        return reply
 
-    async def call_find_node(
-        self, node_to_ask: Node, node_to_find: Node
-    ) -> tuple[bool, list[NodeTriple] | None]:
-        ok, data = await self._call_node(node_to_ask, "find_node", node_to_find.id)
-        nodes = _node_list(data) if ok else None
-        if ok and nodes is None:
-            log.info("garbage find_node reply from %s", node_to_ask)
-        return (nodes is not None, nodes)
+    async def call_find(
+        self, node: Node, key: bytes, *, value: bool
+    ) -> FoundReply | None:
+        """Ask `node` for the nodes closest to `key` (and, with `value`, the
+        value it holds); its checked reply, or None (no answer, garbage, or
+        another node than the one asked)."""
+        had_token = (node.ip, node.port) in self._held_tokens
+        name = "find_value" if value else "find_node"
+        ok, data = await self._rpc(node, name, key)
+        reply = parse_found(data, self._decoder(key)) if ok else None
+        if reply is None:
+            if ok:
+                log.info("garbage %s reply from %s", name, node)
+            else:
+                self._silent(node)
+            return None
+        if reply.invalid is not None:
+            log.info(
+                "ignored an invalid value for %s: %s", key.hex()[:12], reply.invalid
+            )
+        if not self._answered(node, reply.responder, reply.token):
+            return None
+        if reply.withheld and not had_token:
+            return await self.call_find(node, key, value=value)
+        return reply
 
-    async def call_find_value(
-        self, node_to_ask: Node, node_to_find: Node
-    ) -> tuple[bool, tuple[bytes | None, list[NodeTriple]] | None]:
-        """Ask for a value; the result is ``(answered, (value, closer nodes))``."""
-        ok, data = await self._call_node(node_to_ask, "find_value", node_to_find.id)
-        if not ok:
-            return (False, None)
-        if isinstance(data, dict) and isinstance(data.get("value"), bytes):
-            nodes = _node_list(data.get("nodes", []))
-            return (True, (data["value"], nodes or []))
-        nodes = _node_list(data)
-        if nodes is None:
-            log.info("garbage find_value reply from %s", node_to_ask)
-            return (False, None)
-        return (True, (None, nodes))
+    def _decoder(self, key: bytes) -> Callable[[bytes], RegistryValue]:
+        serializer = self.storage.serializer
+        now_ms = self._now_ms()
+        return lambda raw: decode_value(serializer, key, raw, now_ms=now_ms)
 
-    def handle_call_response(self, result: Any, node: Node) -> Any:
-        if not result[0]:
-            log.debug("no response from %s, removing it from the routing table", node)
-            self.router.remove_contact(node)
-            return result
-        self.welcome_if_new(node)
-        return result
-
-
-def _pack(value: Any) -> bytes:
-    """msgpack, as rpcudp writes it (with `umsgpack`), but 20x faster."""
-    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
 
 
-def _is_node_id(value: object) -> bool:
-    return isinstance(value, bytes) and len(value) == _ID_SIZE
+_UNPROVEN = "the sender's address is not proven"
 
 
-def _node_id(value: object) -> bytes:
-    if not _is_node_id(value):
+def _key(value: object) -> bytes:
+    if not is_id(value):
         raise TypeError("node ids and keys are 20 bytes")
     assert isinstance(value, bytes)
     return value
-
-
-def _node_list(data: object) -> list[NodeTriple] | None:
-    """The node triples in `data`, or None if it is not a valid node list."""
-    if not isinstance(data, list) or len(data) > 64:
-        return None
-    nodes = []
-    for item in data:
-        if not (isinstance(item, list | tuple) and len(item) == 3):
-            return None
-        node_id, ip, port = item
-        if not (_is_node_id(node_id) and isinstance(ip, str) and _is_port(port)):
-            return None
-        if not _is_ip(ip):
-            return None
-        nodes.append((node_id, ip, port))
-    return nodes
-
-
-@functools.lru_cache(maxsize=4096)
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_port(value: object) -> bool:
-    return type(value) is int and 0 < value < 65536

@@ -137,11 +137,12 @@ class FollowSets:
                 entries=tuple(chunk),
             )
             for _, reply in await self._node.write(key, RegistryValue(shard=shard)):
-                if reply is None or reply[0] is not Outcome.STORED or not reply[1]:
+                if reply is None or reply.outcome is not Outcome.STORED:
                     continue
-                self._full.add(key)
-                for index in reply[1]:
-                    if isinstance(index, int) and 0 <= index < len(chunk):
+                if reply.refused:
+                    self._full.add(key)
+                for index in reply.refused:
+                    if index < len(chunk):
                         refused[start + index] = chunk[index]
         if refused and len(prefix) >= MAX_SHARD_DEPTH:
             log.error("%s shard %r is full at the deepest level", relation, prefix)

@@ -29,9 +29,10 @@ descending into both children of every full shard.
 
 from __future__ import annotations
 
+import collections
 import enum
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import attrs
@@ -41,6 +42,7 @@ from ._models import FollowEntry, HybridTimestamp, Presence, UsernameClaim, size
 from ._serializer import Serializer
 
 __all__ = [
+    "MAX_SEQ_AHEAD_MS",
     "MAX_SHARD_DEPTH",
     "MAX_VALUE_SIZE",
     "Outcome",
@@ -49,6 +51,7 @@ __all__ = [
     "SetShard",
     "check_value",
     "claim_key",
+    "claim_winner",
     "member_path",
     "merge",
     "presence_key",
@@ -60,6 +63,12 @@ MAX_VALUE_SIZE = 7000
 """Largest encoded value a node stores: leaves room in an 8 KB datagram."""
 MAX_SHARD_DEPTH = 32
 """Deepest shard of a set: up to 2**32 shards."""
+MAX_SEQ_AHEAD_MS = 3600 * 1000
+"""How far (ms) a claim's or presence's `seq` may run ahead of the checker's
+clock. Writers take a fresh `seq` from their clock (milliseconds since the
+epoch), so a `seq` far beyond it was not made by an honest clock; refusing
+it keeps anyone from pushing a record's versions towards 2**63, where the
+owner could never publish a newer one."""
 
 SetRelation = Literal["followers", "following"]
 """The two follow sets every user has."""
@@ -113,6 +122,9 @@ class Outcome(enum.Enum):
     """Refused: the name is claimed by another key."""
     INVALID = "invalid"
     """Refused: malformed, forged, too large, or under the wrong key."""
+    REFUSED = "refused"
+    """Refused, though valid: the node does not take this key from this
+    sender now (it is far from the key, or the sender used up its quota)."""
 
 
 def _digest(*parts: bytes) -> bytes:
@@ -182,21 +194,65 @@ def shard_capacity(serializer: Serializer) -> int:
     return (MAX_VALUE_SIZE - overhead) // (len(serializer.encode(biggest)) + 2)
 
 
-def check_value(dht_key: bytes, value: RegistryValue) -> None:
+def check_value(dht_key: bytes, value: RegistryValue, *, now_ms: int) -> None:
     """Check that `value` is authentic and belongs under `dht_key`.
+
+    Args:
+        dht_key: The key it was stored or found under.
+        value: The decoded value.
+        now_ms: The checker's clock (ms since the epoch): a claim or
+            presence whose `seq` is more than `MAX_SEQ_AHEAD_MS` beyond it
+            is refused.
 
     Raises:
         InvalidRecord: It does not (the message says why).
     """
     if key_of(value) != dht_key:
         raise InvalidRecord("value stored under the wrong key")
-    if value.claim is not None:
-        value.claim.verify()
-    elif value.presence is not None:
-        value.presence.verify()
+    record = value.claim or value.presence
+    if record is not None:
+        if record.seq > now_ms + MAX_SEQ_AHEAD_MS:
+            raise InvalidRecord(f"seq {record.seq} is far ahead of the clock")
+        record.verify()
     else:
         assert value.shard is not None
         _check_shard(value.shard)
+
+
+def claim_winner(claims: Sequence[UsernameClaim]) -> tuple[UsernameClaim | None, bool]:
+    """Who owns a name, by the claims the nodes closest to it hold.
+
+    Args:
+        claims: One claim per replica that holds one, the replicas among
+            the `ksize` closest to the name's key only, closest first.
+
+    Returns:
+        ``(winner, contested)``: the newest claim of the key most replicas
+        vote for (None if no live claim is held), and whether replicas
+        disagree (several keys, or withdrawals: a reader that asked only a
+        few should ask them all). One vote per replica for the key of a
+        live claim: one that is not withdrawn, of a key whose newest claim
+        here is not a withdrawal. A tie goes to the key held by the closest
+        replica of the tied keys: unlike a rule on the keys themselves, no
+        one can choose a key that wins it.
+    """
+    newest: dict[bytes, UsernameClaim] = {}
+    for claim in claims:
+        if claim.public_key not in newest or claim.seq > newest[claim.public_key].seq:
+            newest[claim.public_key] = claim
+    voters = [
+        c.public_key
+        for c in claims
+        if not c.withdrawn and not newest[c.public_key].withdrawn
+    ]
+    votes = collections.Counter(voters)
+    contested = len(newest) > 1 or any(c.withdrawn for c in newest.values())
+    if not votes:
+        return (None, contested)
+    top = max(votes.values())
+    # `voters` is in replica order: the first of the tied keys is held closest.
+    winner = next(key for key in voters if votes[key] == top)
+    return (newest[winner], contested)
 
 
 def _check_shard(shard: SetShard) -> None:

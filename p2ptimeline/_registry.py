@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -12,7 +11,8 @@ from typing import Self
 import attrs
 
 from ._dht_node import DhtNode, Replica
-from ._dht_protocol import RecordStorage
+from ._dht_storage import DEFAULT_MAX_BYTES, RecordStorage
+from ._dht_wire import StoreReply
 from ._errors import (
     AuthError,
     RegistryUnavailable,
@@ -24,11 +24,13 @@ from ._follow_sets import FollowSets
 from ._hlc import HybridLogicalClock
 from ._identity import Identity
 from ._models import FollowEntry, Presence, UsernameClaim, check_username
+from ._names import NameCache
 from ._records import (
     Outcome,
     RegistryValue,
     SetRelation,
     claim_key,
+    claim_winner,
     presence_key,
     shard_capacity,
 )
@@ -42,6 +44,11 @@ _MAX_CONCURRENT_CLAIM_READS = 32
 _REBOOTSTRAP_INTERVAL = 1.0
 _CONTACT_CHECK_INTERVAL = 10.0  # one silent contact pinged per check
 _CLAIM_CACHE_SIZE = 100_000
+_CLAIM_TTL = 3600.0  # seconds a name's key is taken from the cache
+_ABSENT_TTL = 600.0  # seconds a name read as unregistered stays so
+_RECHECK_AFTER = 60.0  # seconds between forced re-reads of one name
+_MAX_NAME_FAILURES = 64  # names read as forged or absent per set read
+_MAX_WRITE_ROUNDS = 4  # writes of one claim or presence, passing stale ones
 
 
 @attrs.frozen(kw_only=True)
@@ -91,6 +98,8 @@ class DhtRegistry:
             restarts with the id it had replaces its old address in the
             routing tables of the nodes it meets, instead of leaving them a
             dead contact each time.
+        max_storage: Most bytes of other users' records this node keeps
+            (see `docs/security.md`: one sender may fill a sixteenth).
     """
 
     def __init__(
@@ -104,12 +113,14 @@ class DhtRegistry:
         clock: Callable[[], float] = time.time,
         serializer: Serializer | None = None,
         node_id: bytes | None = None,
+        max_storage: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if ksize < 1 or alpha < 1:
             raise UsageError("ksize and alpha must be positive")
         if node_id is not None and len(node_id) != 20:
             raise UsageError("a node id is 20 bytes")
         self._node_id = node_id
+        self._max_storage = max_storage
         self.ksize = ksize
         self.alpha = alpha
         self.read_quorum = min(ksize, read_quorum or max(alpha, ksize // 4))
@@ -125,8 +136,11 @@ class DhtRegistry:
         self._maintenance: asyncio.Task[None] | None = None
         self._leases: dict[bytes, asyncio.Task[None]] = {}
         self._seqs: dict[bytes, int] = {}
-        self._claims: collections.OrderedDict[str, UsernameClaim] = (
-            collections.OrderedDict()
+        self._names = NameCache(
+            size=_CLAIM_CACHE_SIZE,
+            ttl=_CLAIM_TTL,
+            absent_ttl=_ABSENT_TTL,
+            recheck_after=_RECHECK_AFTER,
         )
         self._claim_reads = asyncio.Semaphore(_MAX_CONCURRENT_CLAIM_READS)
 
@@ -153,10 +167,16 @@ class DhtRegistry:
             ksize=self.ksize,
             alpha=self.alpha,
             serializer=self._serializer,
-            storage=RecordStorage(self._serializer, self._capacity),
+            storage=RecordStorage(
+                self._serializer,
+                self._capacity,
+                max_bytes=self._max_storage,
+                clock=self._clock,
+            ),
             rpc_timeout=self.rpc_timeout,
             read_quorum=self.read_quorum,
             node_id=self._node_id,
+            clock=self._clock,
         )
         try:
             await node.listen(port, interface=host)
@@ -233,25 +253,25 @@ class DhtRegistry:
         _check_name(username)
         node = self._started()
         key = claim_key(username)
-        seq = 0
-        while True:
+        seq = self._next_seq(key)
+        for _ in range(_MAX_WRITE_ROUNDS):
             claim = UsernameClaim.create(identity, username, sealed_key, seq=seq)
             replies = await node.write(key, RegistryValue(claim=claim), patient=True)
             outcomes = [reply for _, reply in replies if reply is not None]
-            if any(outcome is Outcome.TAKEN for outcome, _ in outcomes):
+            if any(_rival_claim(r, identity) for r in outcomes):
                 # Held by another key, or claimed by someone else at this
                 # very moment: the claim most of the closest nodes hold wins.
                 # The loser withdraws the replicas it got, so that readers
                 # asking only a few of the closest nodes agree on the winner.
                 winner = await self._read_claim(username, everywhere=True)
                 if winner is None or winner.public_key != identity.public_key:
-                    if any(outcome is Outcome.STORED for outcome, _ in outcomes):
+                    if any(r.outcome is Outcome.STORED for r in outcomes):
                         await self._withdraw(claim, identity)
                     raise UsernameTaken(f"{username!r} is taken")
-            held = [s for outcome, s in outcomes if outcome is Outcome.STALE]
-            if not held or max(held) < seq:
+            newer = _newer_seq(outcomes, claim)
+            if newer is None:
                 break
-            seq = max(held) + 1  # our own earlier claim: replace it
+            seq = self._next_seq(key, past=newer)  # our own later claim: pass it
         self._remember(claim)
         return claim
 
@@ -333,9 +353,9 @@ class DhtRegistry:
         self, identity: Identity, address: tuple[str, int], online: bool
     ) -> Presence:
         key = presence_key(identity.public_key)
-        now = self._now_ms()
-        seq = max(now, self._seqs.get(key, -1) + 1)
-        while True:
+        seq = self._next_seq(key)
+        for _ in range(_MAX_WRITE_ROUNDS):
+            now = self._now_ms()
             record = Presence.create(
                 identity,
                 host=address[0],
@@ -344,17 +364,21 @@ class DhtRegistry:
                 expires_ms=now + int(self.lease * 1000) if online else now,
                 seq=seq,
             )
-            self._seqs[key] = seq
             replies = await self._started().write(key, RegistryValue(presence=record))
-            held = [
-                reply[1]
-                for _, reply in replies
-                if reply and reply[0] is Outcome.STALE and isinstance(reply[1], int)
-            ]
-            if not held or max(held) < seq:
-                return record
+            newer = _newer_seq([r for _, r in replies if r is not None], record)
+            if newer is None:
+                break
             # A newer record from another peer of this user: go past it.
-            seq = max(held) + 1
+            seq = self._next_seq(key, past=newer)
+        return record
+
+    def _next_seq(self, key: bytes, past: int = -1) -> int:
+        """A fresh `seq` for our record under `key`: the clock's milliseconds,
+        and past any we used or were shown (proven, so within the bound of
+        `MAX_SEQ_AHEAD_MS`)."""
+        seq = max(self._now_ms(), self._seqs.get(key, -1) + 1, past + 1)
+        self._seqs[key] = seq
+        return seq
 
     async def _renew(self, identity: Identity, address: tuple[str, int]) -> None:
         while True:
@@ -363,6 +387,8 @@ class DhtRegistry:
                 await self._publish_presence(identity, address, online=True)
             except RegistryUnavailable as exc:
                 log.warning("could not renew the presence lease: %s", exc)
+            except Exception:  # a bug must not end the lease for good
+                log.exception("renewing the presence lease failed")
 
     # Follow sets
 
@@ -456,15 +482,34 @@ class DhtRegistry:
     async def _with_true_names(
         self, entries: tuple[FollowEntry, ...]
     ) -> tuple[FollowEntry, ...]:
-        """Keep the entries whose follower name is really the signer's."""
+        """Keep the entries whose follower name is really the signer's.
+
+        Names are looked up through the cache, which remembers names read as
+        unregistered for ten minutes. Once `_MAX_NAME_FAILURES` names of one
+        read turned out unregistered or another key's, the names not cached
+        are no longer looked up in that read (their entries are left out
+        this time, and checked on later reads): an honest set names
+        registered users, so this only cuts short a set stuffed with made-up
+        names, which would otherwise cost a lookup per entry.
+        """
+        failures = 0
+        slots = asyncio.Semaphore(_MAX_CONCURRENT_CLAIM_READS)
 
         async def genuine(entry: FollowEntry) -> bool:
-            try:
-                claim = await self._cached_claim(entry.follower)
-            except RegistryUnavailable:
-                return False
+            nonlocal failures
+            async with slots:
+                known, _ = self._names.lookup(entry.follower, time.monotonic())
+                if not known and failures >= _MAX_NAME_FAILURES:
+                    return False
+                try:
+                    claim = await self._cached_claim(entry.follower, trust_absent=True)
+                except RegistryUnavailable:
+                    return False
             if claim is None or claim.public_key != entry.follower_key:
-                log.info("dropped a follow entry forging the name %r", entry.follower)
+                failures += 1
+                if failures == _MAX_NAME_FAILURES:
+                    log.info("a follow set names many unregistered users: skipped")
+                log.debug("dropped a follow entry forging the name %r", entry.follower)
                 return False
             return True
 
@@ -491,57 +536,75 @@ class DhtRegistry:
     ) -> UsernameClaim | None:
         """The live claim of `username` held by most of the closest nodes.
 
-        With `everywhere`, all `ksize` closest nodes are asked and only their
-        answers count, so that two claimers of one name, each reading once
-        both writes landed, count the same votes and agree on who won.
-        Otherwise the read stops at the read quorum, unless it finds only
-        withdrawn claims (a lost race's leftovers, where the winner's claim
-        is on its way).
+        Only the replicas among the `ksize` closest nodes count (this node's
+        own storage only if it is one of them), one vote each (see
+        `claim_winner`). With `everywhere`, all `ksize` closest nodes are
+        asked, so that two claimers of one name, each reading once both
+        writes landed, count the same votes and agree on who won. Otherwise
+        the read stops at the read quorum, unless the replicas there
+        disagree (a race's leftovers, or a liar among them): then it asks
+        them all.
         """
         key = claim_key(username)
         node = self._started()
         replicas = await node.read(key, node.ksize if everywhere else self.read_quorum)
-        held = [(r.close, r.value.claim) for r in replicas if r.value and r.value.claim]
-        if everywhere and any(close for close, _ in held):
-            held = [(close, claim) for close, claim in held if close]
-        claims = [claim for _, claim in held]
-        newest: dict[bytes, UsernameClaim] = {}
-        for claim in sorted(claims, key=lambda c: c.seq):
-            newest[claim.public_key] = claim
-        # One vote per replica of a claim that its key has not withdrawn.
-        votes = collections.Counter(
-            c.public_key
-            for c in claims
-            if not c.withdrawn and not newest[c.public_key].withdrawn
-        )
-        if not votes:
-            if claims and not everywhere:
-                return await self._read_claim(username, everywhere=True)
-            return None
-        top = max(votes.values())
-        winner = newest[min(k for k, n in votes.items() if n == top)]
-        self._started().repair_if_stale(key, RegistryValue(claim=winner), replicas)
-        self._remember(winner)
+        claims = [
+            r.value.claim for r in replicas if r.close and r.value and r.value.claim
+        ]
+        winner, contested = claim_winner(claims)
+        if contested and not everywhere:
+            return await self._read_claim(username, everywhere=True)
+        self._names.put(username, winner, time.monotonic())
+        if winner is not None:
+            node.repair_if_stale(key, RegistryValue(claim=winner), replicas)
         return winner
 
-    async def _cached_claim(self, username: str) -> UsernameClaim | None:
-        """The claim of `username`, from the cache if seen before.
+    async def _cached_claim(
+        self, username: str, *, trust_absent: bool = False
+    ) -> UsernameClaim | None:
+        """The claim of `username`, from the cache if read lately.
 
         The key of a name never changes once claimed, so a cached claim is as
-        good as a fresh one for telling who owns a name.
+        good as a fresh one for telling who owns a name; it is read again
+        after an hour all the same (a first read can be wrong). A name read
+        as unregistered is read again, since it may be registered since,
+        unless `trust_absent` (checks of many names at once, where one read
+        per name every ten minutes is plenty).
         """
-        claim = self._claims.get(username)
-        if claim is not None:
-            self._claims.move_to_end(username)
+        known, claim = self._names.lookup(username, time.monotonic())
+        if known and (claim is not None or trust_absent):
             return claim
         async with self._claim_reads:
-            return await self._read_claim(username)
+            try:
+                return await self._read_claim(username)
+            except RegistryUnavailable:
+                if claim is None:
+                    raise
+                return claim  # the old answer is better than none
+
+    async def recheck_user(self, username: str) -> bytes | None:
+        """Read the owner of `username` again, from all the closest nodes,
+        if it was not re-read in the last minute; the key it is bound to.
+
+        For a caller that holds something signed under the name that does
+        not verify with the key it got: that key may have come from a read
+        that was wrong, and the cache is corrected.
+
+        Raises:
+            UsageError: The name is invalid.
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        _check_name(username)
+        if self._names.may_recheck(username, time.monotonic()):
+            before = self._names.cached(username)
+            claim = await self._read_claim(username, everywhere=True)
+            if before and claim and before.public_key != claim.public_key:
+                log.warning("the key of %r was read wrong before", username)
+            return None if claim is None else claim.public_key
+        return await self.get_public_key(username)
 
     def _remember(self, claim: UsernameClaim) -> None:
-        self._claims[claim.username] = claim
-        self._claims.move_to_end(claim.username)
-        while len(self._claims) > _CLAIM_CACHE_SIZE:
-            self._claims.popitem(last=False)
+        self._names.put(claim.username, claim, time.monotonic())
 
     async def _owned_claim(self, username: str, identity: Identity) -> UsernameClaim:
         _check_name(username)
@@ -594,6 +657,36 @@ class DhtRegistry:
                     await node._refresh_table()
             except Exception:  # keep maintaining whatever one round hit
                 log.exception("DHT maintenance failed")
+
+
+def _rival_claim(reply: StoreReply, identity: Identity) -> bool:
+    """Whether a store reply proves the name is held by another key."""
+    held = reply.held.claim if reply.held else None
+    return (
+        reply.outcome is Outcome.TAKEN
+        and held is not None
+        and held.public_key != identity.public_key
+        and not held.withdrawn
+    )
+
+
+def _newer_seq(replies: list[StoreReply], ours: UsernameClaim | Presence) -> int | None:
+    """The highest `seq` that stale replies prove a node holds for our
+    record `ours` (another version, as new or newer), if any.
+
+    A bare number proves nothing: only a held record counts, which the
+    protocol checked where it arrived (signed by its key, under the key of
+    `ours`, and within the clock's bound of `MAX_SEQ_AHEAD_MS`). Our own
+    record shown back to us proves nothing either.
+    """
+    held = [
+        record.seq
+        for reply in replies
+        if reply.outcome is Outcome.STALE and reply.held is not None
+        for record in (reply.held.claim or reply.held.presence,)
+        if record is not None and record != ours and record.seq >= ours.seq
+    ]
+    return max(held, default=None)
 
 
 def _check_name(username: str) -> None:

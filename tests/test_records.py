@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from strategies import claims, keys, presences, usernames
 
 import p2ptimeline as pt
-from p2ptimeline import _dht_protocol
-from p2ptimeline._dht_protocol import RecordStorage
+from p2ptimeline import _dht_storage
+from p2ptimeline._dht_storage import RecordStorage, StoreResult
 from p2ptimeline._records import (
+    MAX_SEQ_AHEAD_MS,
     MAX_SHARD_DEPTH,
     MAX_VALUE_SIZE,
     Outcome,
@@ -37,6 +38,7 @@ MALLORY = pt.Identity.generate()
 MEMBERS = [pt.Identity.generate() for _ in range(4)]
 MEMBER_KEYS = [m.public_key for m in MEMBERS]
 CBOR = pt.CborSerializer()
+NOW_MS = 1_800_000_000_000  # the checkers' clock in these tests
 JSON = pt.JsonSerializer()
 serializers = pytest.mark.parametrize(
     "serializer", [CBOR, JSON], ids=lambda s: type(s).__name__
@@ -273,27 +275,47 @@ def test_check_value_accepts_authentic_values_under_their_key(
     value: RegistryValue,
 ) -> None:
     """A signed claim, presence or well-formed shard passes under its own key."""
-    check_value(home(value), value)
+    check_value(home(value), value, now_ms=NOW_MS)
 
 
 @settings(max_examples=30)
 @given(claim=claims)
 def test_check_value_accepts_every_signed_claim(claim: pt.UsernameClaim) -> None:
-    """Any signed claim passes under its name's key and fails under another."""
+    """Any signed claim passes under its name's key (checked by a clock as
+    far as its seq) and fails under another."""
     value = RegistryValue(claim=claim)
-    check_value(claim_key(claim.username), value)
+    check_value(claim_key(claim.username), value, now_ms=claim.seq)
     with pytest.raises(pt.InvalidRecord, match="wrong key"):
-        check_value(claim_key(claim.username + "!"), value)
+        check_value(claim_key(claim.username + "!"), value, now_ms=claim.seq)
 
 
 @settings(max_examples=30)
 @given(presence=presences)
 def test_check_value_accepts_every_signed_presence(presence: pt.Presence) -> None:
-    """Any signed presence passes under its key's presence key, not elsewhere."""
+    """Any signed presence passes under its key's presence key (checked by a
+    clock as far as its seq), not elsewhere."""
     value = RegistryValue(presence=presence)
-    check_value(presence_key(presence.public_key), value)
+    check_value(presence_key(presence.public_key), value, now_ms=presence.seq)
     with pytest.raises(pt.InvalidRecord, match="wrong key"):
-        check_value(presence_key(MALLORY.public_key), value)
+        check_value(presence_key(MALLORY.public_key), value, now_ms=presence.seq)
+
+
+@pytest.mark.parametrize("kind", ["claim", "presence"])
+def test_check_value_refuses_a_seq_far_ahead_of_the_clock(kind: str) -> None:
+    """A claim or presence whose seq runs more than MAX_SEQ_AHEAD_MS past the
+    checker's clock is refused (nobody may push versions towards 2**63, where
+    the owner could never publish a newer one); one just within passes."""
+    limit = NOW_MS + MAX_SEQ_AHEAD_MS
+    for seq, ok in [(limit, True), (limit + 1, False), (2**63 - 1, False)]:
+        if kind == "claim":
+            value = make_claim(ALICE, "alice", seq=seq)
+        else:
+            value = make_presence(ALICE, seq)
+        if ok:
+            check_value(home(value), value, now_ms=NOW_MS)
+        else:
+            with pytest.raises(pt.InvalidRecord, match="far ahead"):
+                check_value(home(value), value, now_ms=NOW_MS)
 
 
 @pytest.mark.parametrize(
@@ -322,7 +344,7 @@ def test_check_value_refuses_a_value_under_another_key(
 ) -> None:
     """A valid value stored under a key that is not its own is refused."""
     with pytest.raises(pt.InvalidRecord, match="wrong key"):
-        check_value(key, value)
+        check_value(key, value, now_ms=NOW_MS)
 
 
 @pytest.mark.parametrize(
@@ -342,7 +364,7 @@ def test_check_value_refuses_a_tampered_claim(change: dict[str, object]) -> None
     assert claim is not None
     value = RegistryValue(claim=attrs.evolve(claim, **change))  # type: ignore[arg-type]
     with pytest.raises(pt.InvalidSignature):
-        check_value(claim_key("alice"), value)
+        check_value(claim_key("alice"), value, now_ms=NOW_MS)
 
 
 def test_check_value_refuses_a_claim_hijacked_with_a_valid_signature() -> None:
@@ -352,7 +374,7 @@ def test_check_value_refuses_a_claim_hijacked_with_a_valid_signature() -> None:
     assert ours is not None
     forged = attrs.evolve(theirs, signature=ours.signature)
     with pytest.raises(pt.InvalidSignature):
-        check_value(claim_key("alice"), RegistryValue(claim=forged))
+        check_value(claim_key("alice"), RegistryValue(claim=forged), now_ms=NOW_MS)
 
 
 @pytest.mark.parametrize(
@@ -373,7 +395,7 @@ def test_check_value_refuses_a_tampered_presence(change: dict[str, object]) -> N
     assert presence is not None
     value = RegistryValue(presence=attrs.evolve(presence, **change))  # type: ignore[arg-type]
     with pytest.raises(pt.InvalidSignature):
-        check_value(presence_key(ALICE.public_key), value)
+        check_value(presence_key(ALICE.public_key), value, now_ms=NOW_MS)
 
 
 @pytest.mark.parametrize("relation", ["followers", "following"])
@@ -392,7 +414,7 @@ def test_check_value_refuses_an_entry_of_another_owners_set(relation: str) -> No
         )
     value = shard_value([stray], relation=relation)
     with pytest.raises(pt.InvalidRecord, match="another user's set"):
-        check_value(home(value), value)
+        check_value(home(value), value, now_ms=NOW_MS)
 
 
 @pytest.mark.parametrize("relation", ["followers", "following"])
@@ -407,12 +429,12 @@ def test_check_value_refuses_an_entry_in_the_wrong_shard(relation: str) -> None:
         [entry], relation=relation, prefix=other_prefix(member.public_key)
     )
     with pytest.raises(pt.InvalidRecord, match="wrong shard"):
-        check_value(home(value), value)
+        check_value(home(value), value, now_ms=NOW_MS)
     deep = member_path(member.public_key)
     flipped = deep[:-1] + ("1" if deep[-1] == "0" else "0")
     value = shard_value([entry], relation=relation, prefix=flipped)
     with pytest.raises(pt.InvalidRecord, match="wrong shard"):
-        check_value(home(value), value)
+        check_value(home(value), value, now_ms=NOW_MS)
 
 
 @pytest.mark.parametrize("relation", ["followers", "following"])
@@ -428,7 +450,7 @@ def test_check_value_refuses_two_entries_for_one_member(relation: str) -> None:
         ]
     value = shard_value(pair, relation=relation)
     with pytest.raises(pt.InvalidRecord, match="two entries"):
-        check_value(home(value), value)
+        check_value(home(value), value, now_ms=NOW_MS)
 
 
 @pytest.mark.parametrize(
@@ -448,7 +470,7 @@ def test_check_value_refuses_a_forged_entry(change: dict[str, object]) -> None:
     genuine[2] = attrs.evolve(genuine[2], **change)  # type: ignore[arg-type]
     value = shard_value(genuine)
     with pytest.raises(pt.InvalidSignature):
-        check_value(home(value), value)
+        check_value(home(value), value, now_ms=NOW_MS)
 
 
 def test_check_value_refuses_an_entry_signed_by_someone_else() -> None:
@@ -458,7 +480,7 @@ def test_check_value_refuses_an_entry_signed_by_someone_else() -> None:
     forged = attrs.evolve(by_mallory, follower_key=real.follower_key)
     value = shard_value([forged])
     with pytest.raises(pt.InvalidSignature):
-        check_value(home(value), value)
+        check_value(home(value), value, now_ms=NOW_MS)
 
 
 # merge: claims and presences
@@ -552,7 +574,7 @@ def test_shard_merge_is_last_writer_wins_per_member() -> None:
         b.public_key: follows_owner(b, ms=5),
         c.public_key: follows_owner(c, ms=1),
     }
-    check_value(home(kept), kept)
+    check_value(home(kept), kept, now_ms=NOW_MS)
 
 
 def test_shard_merge_with_nothing_held_applies_capacity() -> None:
@@ -597,7 +619,7 @@ def test_shard_merge_keeps_the_shard_identity() -> None:
     )
     kept, _, _ = merge(held, incoming, capacity=5)
     assert home(kept) == home(held)
-    check_value(home(held), kept)
+    check_value(home(held), kept, now_ms=NOW_MS)
 
 
 # merge_entries: properties
@@ -849,9 +871,12 @@ def test_a_full_signed_shard_is_stored_and_refuses_one_more(
     key = home(full)
     raw = serializer.encode(full)
     assert len(raw) <= MAX_VALUE_SIZE
-    assert storage.offer(key, raw) == (Outcome.STORED, [])
+    assert summary(storage.offer(key, raw)) == (Outcome.STORED, [])
     one_more = shard_value(entries[limit:])
-    assert storage.offer(key, serializer.encode(one_more)) == (Outcome.STORED, [0])
+    assert summary(storage.offer(key, serializer.encode(one_more))) == (
+        Outcome.STORED,
+        [0],
+    )
     held = storage.value(key)
     assert held is not None
     assert held.shard is not None
@@ -865,7 +890,7 @@ def test_a_full_signed_shard_is_stored_and_refuses_one_more(
 
 
 class FakeClock:
-    """Stands in for the `time` module in `_dht_protocol`."""
+    """Stands in for the `time` module in `_dht_storage`."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -877,12 +902,26 @@ class FakeClock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     fake = FakeClock()
-    monkeypatch.setattr(_dht_protocol, "time", fake)
+    monkeypatch.setattr(_dht_storage, "time", fake)
     return fake
 
 
+def summary(result: StoreResult) -> tuple[Outcome, object]:
+    """An offer's outcome and its detail: the reason if invalid or refused,
+    the `seq` of the record held when stale or taken (its proof), else the
+    refused entries."""
+    if result.outcome in (Outcome.INVALID, Outcome.REFUSED):
+        return (result.outcome, result.reason)
+    if result.held is not None:
+        held = CBOR.decode(result.held, RegistryValue)
+        record = held.claim or held.presence
+        assert record is not None
+        return (result.outcome, record.seq)
+    return (result.outcome, list(result.refused))
+
+
 def offer(storage: RecordStorage, value: RegistryValue) -> tuple[Outcome, object]:
-    return storage.offer(home(value), CBOR.encode(value))
+    return summary(storage.offer(home(value), CBOR.encode(value)))
 
 
 @serializers
@@ -903,7 +942,7 @@ def test_garbage_is_invalid_and_not_stored(
 ) -> None:
     """Bytes that are not a registry value are refused and nothing is stored."""
     storage = RecordStorage(serializer, 4)
-    outcome, detail = storage.offer(claim_key("alice"), raw)
+    outcome, detail = summary(storage.offer(claim_key("alice"), raw))
     assert outcome is Outcome.INVALID
     assert isinstance(detail, str)
     assert len(storage) == 0
@@ -916,7 +955,7 @@ def test_garbage_is_invalid_and_not_stored(
 def test_random_bytes_are_invalid(serializer: pt.Serializer, raw: bytes) -> None:
     """Random bytes never raise out of `offer`: they are INVALID, nothing stored."""
     storage = RecordStorage(serializer, 4)
-    assert storage.offer(presence_key(ALICE.public_key), raw)[0] is Outcome.INVALID
+    assert storage.offer(presence_key(ALICE.public_key), raw).outcome is Outcome.INVALID
     assert len(storage) == 0
 
 
@@ -941,7 +980,7 @@ def test_a_flipped_byte_never_stores_a_different_value(
     raw = bytearray(serializer.encode(value))
     raw[int(where * len(raw))] ^= mask
     storage = RecordStorage(serializer, 4)
-    outcome, _ = storage.offer(home(value), bytes(raw))
+    outcome, _ = summary(storage.offer(home(value), bytes(raw)))
     if outcome is Outcome.INVALID:
         assert len(storage) == 0
     else:
@@ -961,7 +1000,8 @@ def test_signed_records_are_stored_and_read_back(
         value = RegistryValue(presence=record)
     storage = RecordStorage(serializer, 4)
     raw = serializer.encode(value)
-    assert storage.offer(home(value), raw) == (Outcome.STORED, [])
+    stored = storage.offer(home(value), raw, now_ms=record.seq)
+    assert summary(stored) == (Outcome.STORED, [])
     assert storage.value(home(value)) == value
     assert storage[home(value)] == raw
     assert storage.get(home(value)) == raw
@@ -975,21 +1015,21 @@ def test_oversized_values_are_refused() -> None:
     )
     raw = CBOR.encode(value)
     assert len(raw) > MAX_VALUE_SIZE
-    check_value(home(value), value)  # authentic, just too big
+    check_value(home(value), value, now_ms=NOW_MS)  # authentic, just too big
     storage = RecordStorage(CBOR, 100)
-    outcome, detail = storage.offer(home(value), raw)
+    outcome, detail = summary(storage.offer(home(value), raw))
     assert outcome is Outcome.INVALID
     assert "too large" in str(detail)
     assert len(storage) == 0
     padded = b"\x00" * (MAX_VALUE_SIZE + 1)
-    assert storage.offer(home(value), padded)[0] is Outcome.INVALID
+    assert storage.offer(home(value), padded).outcome is Outcome.INVALID
 
 
 def test_value_under_the_wrong_key_is_invalid() -> None:
     """A storage node refuses an authentic value offered under another key."""
     storage = RecordStorage(CBOR, 4)
     value = make_claim(ALICE, "alice")
-    outcome, detail = storage.offer(claim_key("bob"), CBOR.encode(value))
+    outcome, detail = summary(storage.offer(claim_key("bob"), CBOR.encode(value)))
     assert outcome is Outcome.INVALID
     assert "wrong key" in str(detail)
     assert len(storage) == 0
@@ -1024,7 +1064,7 @@ def test_stale_claim_reports_the_held_seq_and_taken_keeps_the_claim() -> None:
     held = make_claim(ALICE, "alice", seq=4)
     assert offer(storage, held) == (Outcome.STORED, [])
     assert offer(storage, make_claim(ALICE, "alice", seq=1)) == (Outcome.STALE, 4)
-    assert offer(storage, make_claim(MALLORY, "alice", seq=9)) == (Outcome.TAKEN, [])
+    assert offer(storage, make_claim(MALLORY, "alice", seq=9)) == (Outcome.TAKEN, 4)
     assert storage.value(claim_key("alice")) == held
 
 
@@ -1054,8 +1094,8 @@ def test_storage_keeps_the_encoding_of_the_merged_value(
     a, b = MEMBERS[:2]
     left, right = shard_value([follows_owner(a)]), shard_value([follows_owner(b)])
     key = home(left)
-    assert storage.offer(key, serializer.encode(left)) == (Outcome.STORED, [])
-    assert storage.offer(key, serializer.encode(right)) == (Outcome.STORED, [])
+    assert summary(storage.offer(key, serializer.encode(left))) == (Outcome.STORED, [])
+    assert summary(storage.offer(key, serializer.encode(right))) == (Outcome.STORED, [])
     both = shard_value(merged("followers", [follows_owner(a), follows_owner(b)]))
     assert storage.value(key) == both
     assert storage[key] == storage.get(key) == serializer.encode(both)
@@ -1066,8 +1106,8 @@ def test_offer_value_merges_an_already_checked_value() -> None:
     """`offer_value` applies the merge rules without decoding."""
     storage = RecordStorage(CBOR, 4)
     value = make_presence(ALICE, 2)
-    assert storage.offer_value(home(value), value) == (Outcome.STORED, [])
-    assert storage.offer_value(home(value), make_presence(ALICE, 1)) == (
+    assert summary(storage.offer_value(home(value), value)) == (Outcome.STORED, [])
+    assert summary(storage.offer_value(home(value), make_presence(ALICE, 1))) == (
         Outcome.STALE,
         2,
     )
@@ -1147,20 +1187,71 @@ def test_identical_restore_makes_a_key_young(clock: FakeClock) -> None:
     assert storage.iter_older_than(3600) == []
 
 
-def test_max_keys_evicts_the_least_recently_written_key() -> None:
-    """Past `max_keys`, the key whose value changed longest ago is dropped."""
-    storage = RecordStorage(CBOR, 4, max_keys=2)
-    a, b, c = make_claim(ALICE, "a"), make_claim(ALICE, "b"), make_claim(ALICE, "c")
-    offer(storage, a)
-    offer(storage, b)
-    assert offer(storage, make_claim(ALICE, "a", seq=1)) == (Outcome.STORED, [])
-    offer(storage, c)  # "b" is now the least recently written
-    assert len(storage) == 2
-    assert storage.get(home(b)) is None
-    assert storage.value(home(a)) == make_claim(ALICE, "a", seq=1)
-    assert storage.value(home(c)) == c
-    storage.offer(claim_key("d"), b"garbage")  # refused: evicts nothing
-    assert {k for k, _ in storage} == {home(a), home(c)}
+def test_a_full_storage_evicts_the_heaviest_senders_oldest_key() -> None:
+    """Past `max_bytes`, the least recently written key of the sender holding
+    the most bytes is dropped: a sender filling the storage evicts its own
+    keys first, not other senders'."""
+    claims = {name: make_claim(ALICE, name) for name in "abcdef"}
+    size = RecordStorage.cost(CBOR.encode(claims["a"]))
+    storage = RecordStorage(CBOR, 4, max_bytes=4 * size, max_bytes_per_source=10**9)
+    storage.offer(home(claims["a"]), CBOR.encode(claims["a"]), source="honest")
+    for name in "bcd":  # the hog's first three, then it goes on
+        storage.offer(home(claims[name]), CBOR.encode(claims[name]), source="hog")
+    assert len(storage) == 4
+    assert summary(
+        storage.offer(home(claims["e"]), CBOR.encode(claims["e"]), source="hog")
+    ) == (Outcome.STORED, [])
+    assert storage.get(home(claims["b"])) is None  # the hog's oldest went
+    assert storage.value(home(claims["a"])) == claims["a"]  # the honest one stayed
+    assert storage.bytes_held <= storage.max_bytes
+    storage.offer(claim_key("x"), b"garbage", source="hog")  # refused: evicts nothing
+    assert {k for k, _ in storage} == {home(claims[n]) for n in "acde"}
+
+
+def test_a_sender_over_its_quota_stores_no_new_keys() -> None:
+    """A sender that stored `max_bytes_per_source` bytes of keys is refused
+    new ones (REFUSED), while its keys still take newer versions and other
+    senders are not affected."""
+    first, second = make_presence(ALICE, 1), make_presence(MALLORY, 1)
+    quota = RecordStorage.cost(CBOR.encode(first)) + 10
+    storage = RecordStorage(CBOR, 4, max_bytes_per_source=quota)
+    assert (
+        storage.offer(home(first), CBOR.encode(first), source="s").outcome
+        is Outcome.STORED
+    )
+    refused = storage.offer(home(second), CBOR.encode(second), source="s")
+    assert (refused.outcome, refused.reason) == (
+        Outcome.REFUSED,
+        "sender over its quota",
+    )
+    newer = make_presence(ALICE, 2)
+    assert (
+        storage.offer(home(newer), CBOR.encode(newer), source="s").outcome
+        is Outcome.STORED
+    )
+    assert (
+        storage.offer(home(second), CBOR.encode(second), source="t").outcome
+        is Outcome.STORED
+    )
+    assert storage.bytes_of("s") == RecordStorage.cost(CBOR.encode(newer))
+
+
+def test_keys_between_finds_keys_by_number() -> None:
+    """The sorted key index answers range queries (hand-over to newcomers)."""
+    storage = RecordStorage(CBOR, 4)
+    values = [make_claim(ALICE, name) for name in "abcdefgh"]
+    for value in values:
+        offer(storage, value)
+    numbers = sorted(int.from_bytes(home(v)) for v in values)
+    low, high = numbers[2], numbers[6]
+    assert storage.keys_between(low, high) == [
+        n.to_bytes(20, "big") for n in numbers[2:6]
+    ]
+    storage.forget(numbers[3].to_bytes(20, "big"))
+    assert len(storage.keys_between(low, high)) == 3
+    assert storage.keys_between(0, 2**160) == [
+        k for k, _ in sorted(storage, key=lambda kv: kv[0])
+    ]
 
 
 def test_json_lone_surrogate_is_invalid_not_a_crash() -> None:
@@ -1168,6 +1259,6 @@ def test_json_lone_surrogate_is_invalid_not_a_crash() -> None:
     value = make_presence(ALICE, 1, host="h")
     raw = JSON.encode(value).replace(b'"host":"h"', b'"host":"\\ud800"')
     storage = RecordStorage(JSON, 4)
-    outcome, _ = storage.offer(home(value), raw)
+    outcome, _ = summary(storage.offer(home(value), raw))
     assert outcome is Outcome.INVALID
     assert len(storage) == 0

@@ -13,6 +13,7 @@ from conftest import NetworkFactory
 from kademlia.network import Server
 
 import p2ptimeline as pt
+from p2ptimeline._dht_wire import Request
 from p2ptimeline._records import (
     RegistryValue,
     SetShard,
@@ -67,8 +68,7 @@ async def test_a_taken_name_cannot_be_claimed(network: NetworkFactory) -> None:
     alice = await register(nodes[1], "alice")
     with pytest.raises(pt.UsernameTaken):
         await register(nodes[5], "alice")
-    claim = await nodes[6].claim_username("alice", alice, b"new-sealed-key")
-    assert claim.seq == 1
+    await nodes[6].claim_username("alice", alice, b"new-sealed-key")
     record = await nodes[9].get_user("alice")
     assert record is not None
     assert record.sealed_key == b"new-sealed-key"
@@ -519,24 +519,25 @@ def _hostile(node: pt.DhtRegistry, behaviour: str, replay: dict[str, bytes]) -> 
     """Make `node` answer lookups with garbage or stale records."""
     assert node._node is not None
     protocol = node._node.protocol
-    honest_find_value = protocol.rpc_find_value
+    honest = protocol._handle
     rng = random.Random(behaviour)
 
-    def find_value(sender: tuple[str, int], nodeid: object, key: object) -> object:
-        honest = honest_find_value(sender, nodeid, key)
-        nodes = honest["nodes"] if isinstance(honest, dict) else honest
+    def handle(request: Request, addr: tuple[str, int], proven: bool) -> object:
+        answer = honest(request, addr, proven)
+        if request.name not in ("find_node", "find_value"):
+            return answer
+        key = request.args[0]
         if behaviour == "random bytes":
-            return rng.randbytes(40)
+            return {"nodes": rng.randbytes(40)}
         if behaviour == "bad node list":
-            return [[b"short", "not an ip", -1], "x", None]
+            return {"nodes": [[b"short", "not an ip", -1], "x", None]}
         if behaviour == "garbage value":
-            return {"value": rng.randbytes(100), "nodes": nodes}
+            return {**answer, "value": rng.randbytes(100)}
         if behaviour == "stale records" and key in replay:
-            return {"value": replay[key], "nodes": nodes}
+            return {**answer, "value": replay[key]}
         return {"value": b"\xa1\x63bad\x00", "nodes": [[b"x" * 20, "10.255.255.1", 9]]}
 
-    protocol._handlers["find_value"] = find_value
-    protocol._handlers["find_node"] = lambda *args: find_value(*args[:3])
+    protocol._handle = handle
 
 
 async def test_hostile_nodes_answering_lookups_cannot_break_reads(

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kademlia.node import Node
 
-from p2ptimeline._dht_protocol import _RoutingTable
+from p2ptimeline._dht_routing import RegistryRoutingTable
 
 
 class _NoProtocol:
@@ -49,7 +49,7 @@ def test_find_neighbors_returns_the_k_closest(
     address."""
     rng = random.Random(seed)
     me = Node(_random_id(rng, shared))
-    table = _RoutingTable(_NoProtocol(), 8, me)
+    table = RegistryRoutingTable(_NoProtocol(), 8, me)
     for port in range(count):
         known = table.contacts()
         change = rng.random()
@@ -77,7 +77,7 @@ def test_a_full_bucket_pings_its_head_only_when_it_has_been_silent() -> None:
     """A newcomer to a full bucket makes the table ping the bucket's least
     recently seen contact, unless that contact was heard from lately."""
     protocol = _NoProtocol()
-    table = _RoutingTable(protocol, 2, Node(bytes(20)))
+    table = RegistryRoutingTable(protocol, 2, Node(bytes(20)))
 
     def far(byte: int) -> Node:  # ids sharing 5 bits: a bucket that cannot split
         return Node(bytes([byte]) + bytes(18) + b"\x01", "127.0.0.1", byte)
@@ -98,7 +98,7 @@ def test_a_full_bucket_pings_its_head_only_when_it_has_been_silent() -> None:
 def test_the_most_silent_head_is_the_one_to_ping() -> None:
     """Of the buckets' least recently seen contacts, the one silent the
     longest is pinged, once it has been silent for the given time."""
-    table = _RoutingTable(_NoProtocol(), 2, Node(bytes(20)))
+    table = RegistryRoutingTable(_NoProtocol(), 2, Node(bytes(20)))
     near = Node(bytes(19) + b"\x05", "127.0.0.1", 1)
     far = [Node(bytes([b]) + bytes(18) + b"\x01", "127.0.0.1", b) for b in (0x80, 0xC0)]
     for node in (near, *far):
