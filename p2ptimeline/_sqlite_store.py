@@ -67,7 +67,9 @@ class SqliteStore:
     store, so the event loop never waits on the disk.
 
     Args:
-        path: The database file; its directory must exist. ``":memory:"``
+        path: The database file; its directory must exist. A new file is
+            created readable and writable by its owner only (0600), and so
+            are SQLite's WAL and shared-memory files next to it. ``":memory:"``
             gives a private in-memory database.
         synchronous: SQLite's ``synchronous`` setting for WAL mode.
     """
@@ -115,6 +117,13 @@ class SqliteStore:
         executor.shutdown(wait=True)
 
     def _connect(self) -> sqlite3.Connection:
+        if self.path not in ("", ":memory:"):
+            # Private to its owner: it holds sealed keys. SQLite creates the
+            # WAL and shared-memory files with the database file's mode.
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            except OSError as exc:
+                raise StoreError(f"cannot open {self.path}: {exc}") from exc
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute(f"PRAGMA synchronous={self._synchronous}")
