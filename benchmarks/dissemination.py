@@ -72,14 +72,12 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
-from kademlia.node import Node
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import bounded, header, percentile, with_retries
 
 import p2ptimeline as pt
-from p2ptimeline._dht_node import _NodeCrawl
 from p2ptimeline._wire import Message, PostPush, TreeMember
 from p2ptimeline.testing import crash
 
@@ -329,10 +327,8 @@ async def warm_up(peers: Sequence[pt.Peer], lookups: int, seed: int) -> None:
     async def settle(peer: pt.Peer) -> None:
         node = peer.registry._started()
         await node.bootstrap(joins[peer])
-        for target in map(Node, targets[peer]):
-            nearest = node.protocol.router.find_neighbors(target)
-            crawl = _NodeCrawl(node.protocol, target, nearest, node.ksize, node.alpha)
-            await crawl.find()
+        for target in targets[peer]:
+            await node.look_up([target])
 
     await bounded(settle, peers, SETUP_CONCURRENCY)
 
