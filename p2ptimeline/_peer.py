@@ -27,6 +27,7 @@ from ._errors import (
     ProtocolError,
     RegistryUnavailable,
     RemoteError,
+    StoreError,
     UnknownUser,
     UsageError,
 )
@@ -34,12 +35,14 @@ from ._hlc import HybridLogicalClock
 from ._identity import DEFAULT_SEAL_COST, Identity, check_password
 from ._memory_store import MemoryStore
 from ._models import FollowEntry, HybridTimestamp, Post, Presence, check_username
+from ._ratelog import RateLimitedLog
 from ._registry import DhtRegistry
 from ._serializer import CborSerializer, Serializer
 from ._sqlite_store import SqliteStore
 from ._store import LocalStore, StoredIdentity
-from ._tree import DisseminationTree
+from ._tree import REHOME_PER_FANOUT, DisseminationTree, Relay
 from ._wire import (
+    MAX_TREE_SIZE,
     Ack,
     FollowNotice,
     FrameTooLarge,
@@ -50,6 +53,7 @@ from ._wire import (
     PresenceNotice,
     Refusal,
     TreeMember,
+    check_host,
 )
 
 __all__ = ["Notification", "Peer", "PeerConfig"]
@@ -66,7 +70,7 @@ _NODE_ID_STATE = "dht/node-id"  # the DHT node id, kept across restarts
 _PULL_SOURCES = 8  # followers tried as sources of an offline author's posts
 _PULL_MERGE = 3  # followers whose answers are merged when the author is offline
 _CONCURRENCY = 16
-_FORWARD_MEMORY = 10_000  # (post, subtree) pairs remembered as forwarded
+_FORWARD_MEMORY = 10_000  # ids of posts remembered as forwarded
 
 
 @attrs.frozen(kw_only=True)
@@ -87,6 +91,15 @@ class PeerConfig:
     """Tries to hand a post to a child in the tree before re-homing its subtree."""
     push_backoff: float = 0.1
     """Seconds before the second try; doubled before each further one."""
+    max_rehomed: int = 64
+    """Most members a peer pushes a post to in place of unreachable ones, per
+    push it forwards: `REHOME_PER_FANOUT` (8) times the tree's fanout, and
+    never more than this. The rest of an unreachable member's subtree catches
+    up by pulling. (An author re-homes any of its own followers.) See
+    `Relay`."""
+    max_relays: int = 64
+    """Most received pushes forwarded at once; a push beyond is stored but not
+    forwarded (its subtree catches up by pulling)."""
     max_future_ms: int = 5 * 60 * 1000
     """Posts stamped further than this in the future are refused."""
     incoming_buffer: int = 1000
@@ -175,6 +188,10 @@ class Peer:
                 f"listening on every interface ({host!r}) needs an advertised "
                 "host: the address other peers reach this one at"
             )
+        if not check_host(advertised_host or host):
+            raise UsageError(
+                f"{advertised_host or host!r} is not an address or host name"
+            )
         self.config = config or PeerConfig()
         self._host = host
         self._advertised_host = advertised_host or host
@@ -184,7 +201,8 @@ class Peer:
             if data_dir is None:
                 store = MemoryStore()
             else:
-                Path(data_dir).mkdir(parents=True, exist_ok=True)
+                # Private: it holds the sealed keys and what the user reads.
+                Path(data_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
                 store = SqliteStore(Path(data_dir) / "peer.db")
         self._store = store
         self._clock = clock or ClockSync()
@@ -198,10 +216,11 @@ class Peer:
         self._session: _Session | None = None
         self._tasks: set[asyncio.Future[object]] = set()
         self._subscribers: set[asyncio.Queue[Post | None]] = set()
-        self._keys: collections.OrderedDict[str, bytes] = collections.OrderedDict()
-        self._forwarded: collections.OrderedDict[tuple[bytes, int], None] = (
+        self._forwarded: collections.OrderedDict[bytes, None] = (
             collections.OrderedDict()
         )
+        self._relays: set[asyncio.Future[object]] = set()
+        self._ratelog = RateLimitedLog(log)
 
     # Lifecycle
 
@@ -261,34 +280,52 @@ class Peer:
         """Log out (if logged in) and release every socket, task and file.
 
         Idempotent. A graceful stop marks the user offline at once; a crash
-        (the process killed) is seen once its presence lease lapses.
+        (the process killed) is seen once its presence lease lapses. Whatever
+        the logout meets (an unreachable registry, an error, cancellation),
+        everything is released; a failed logout is logged, not raised.
         """
-        if self._session is not None:
-            with contextlib.suppress(NetworkError, TimeoutError):
-                async with asyncio.timeout(self.config.rpc_timeout * 2):
-                    await self.logout()
-        await self._release()
+        try:
+            if self._session is not None:
+                await self._say_goodbye()
+        finally:
+            await self._release()
+
+    async def _say_goodbye(self) -> None:
+        try:
+            async with asyncio.timeout(self.config.rpc_timeout * 2):
+                await self.logout()
+        except (NetworkError, RemoteError, StoreError, TimeoutError) as exc:
+            log.warning("could not log out cleanly: %s", exc)
+        except Exception:
+            log.exception("could not log out cleanly")
 
     async def _release(self) -> None:
         """Free everything without a goodbye: what `stop()` does after logging
-        out, and all a crash leaves behind (see `testing.crash`)."""
-        await self._end_session()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for queue in self._subscribers:
-            _offer(queue, None)
-        if self._server is not None:
-            await self._server.close()
-        if self._pool is not None:
-            await self._pool.close()
-        if self._registry is not None:
-            await self._registry.stop()
+        out, and all a crash leaves behind (see `testing.crash`).
+
+        Every step runs whatever the steps before it raised.
+        """
+        async with contextlib.AsyncExitStack() as steps:  # run last pushed first
+            steps.push_async_callback(self._store.close)
+            steps.push_async_callback(self._clock.stop)
+            steps.callback(self._forget_sockets)
+            if self._registry is not None:
+                steps.push_async_callback(self._registry.stop)
+            if self._pool is not None:
+                steps.push_async_callback(self._pool.close)
+            if self._server is not None:
+                steps.push_async_callback(self._server.close)
+            steps.callback(self._end_subscriptions)
+            steps.push_async_callback(_cancel, self._tasks)
+            steps.push_async_callback(self._end_session)
+
+    def _forget_sockets(self) -> None:
         self._server = self._pool = self._registry = None
         self._port = None
-        await self._clock.stop()
-        await self._store.close()
+
+    def _end_subscriptions(self) -> None:
+        for queue in self._subscribers:
+            _offer(queue, None)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -522,12 +559,8 @@ class Peer:
 
     async def _end_session(self) -> None:
         session, self._session = self._session, None
-        if session is None:
-            return
-        tasks = list(session.tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if session is not None:
+            await _cancel(session.tasks)
 
     # Following
 
@@ -640,6 +673,7 @@ class Peer:
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         await self._store.add([post])
+        self._remember_forwarded(post.id)  # a push of it back goes no further
         self._spawn(self._disseminate(session, post))
         return post
 
@@ -701,9 +735,11 @@ class Peer:
         to which this peer is known to hold all the author's posts. (The
         newest post held is no such mark: pushes can arrive with gaps when
         a forwarder dies.) Only a pull from the author, who holds them all,
-        moves the mark; followers, who hold what they received, are asked
-        when the author is offline, and a few of their answers are merged.
-        A source that fails or sends bad posts is skipped.
+        moves the mark, and only up to the last post accepted; followers,
+        who hold what they received, are asked when the author is offline,
+        and a few of their answers are merged. Posts are stored a page at a
+        time, as they arrive. A source that fails or sends bad posts is
+        skipped (what it sent before stays).
         """
         me = self._require_session().username
         mark_key = f"watermark/{me}/{author}"
@@ -715,40 +751,39 @@ class Peer:
         except (NetworkError, RemoteError, UnknownUser) as exc:
             log.info("could not pull %s's posts: %s", author, exc)
             return 0
+        new = 0
         if presence is not None and presence.is_online(self._clock.now_ms()):
-            try:
-                posts = await self._fetch(presence.address, author, key, since)
-            except (NetworkError, RemoteError) as exc:
-                log.info("could not pull %s's posts from them: %s", author, exc)
-            else:
-                if posts:
-                    mark = posts[-1].timestamp.packed().to_bytes(8)
-                    await self._store.put_state(mark_key, mark)
-                return len(await self._accept(posts))
+            new, complete = await self._pull_from(
+                presence.address, author, key, since, mark_key=mark_key
+            )
+            if complete:
+                return new
         try:
             holders = await self._holders(author)
         except (NetworkError, RemoteError) as exc:
             log.info("could not find holders of %s's posts: %s", author, exc)
-            return 0
+            return new
         if not holders:
             log.warning("no online source of %s's posts to catch up from", author)
-        new = answered = 0
+        answered = 0
         for address in holders:
-            try:
-                posts = await self._fetch(address, author, key, since)
-            except (NetworkError, RemoteError) as exc:
-                log.info("could not pull %s's posts from %s: %s", author, address, exc)
-                continue
-            new += len(await self._accept(posts))
-            answered += 1
+            got, complete = await self._pull_from(address, author, key, since)
+            new += got
+            answered += complete
             if answered >= _PULL_MERGE:
                 break
         return new
 
     async def _holders(self, author: str) -> list[tuple[str, int]]:
         """Addresses of up to `_PULL_SOURCES` online followers of `author`
-        (other than this peer's user), picked at random to spread the load."""
-        entries = await self.registry.get_follow_entries(author, "followers")
+        (other than this peer's user), picked at random to spread the load.
+
+        Only the followers' keys are needed (their entries' signatures prove
+        them), so the entries' names are not looked up.
+        """
+        entries = await self.registry.get_follow_entries(
+            author, "followers", verify_names=False
+        )
         me = self.username
         keys = [e.follower_key for e in entries if e.following and e.follower != me]
         keys = random.sample(keys, min(len(keys), 64))
@@ -767,37 +802,108 @@ class Peer:
                 break
         return found[:_PULL_SOURCES]
 
-    async def _fetch(
+    async def _pull_from(
         self,
         address: tuple[str, int],
         author: str,
         key: bytes,
         since: HybridTimestamp | None,
-    ) -> list[Post]:
-        posts: list[Post] = []
-        while len(posts) < _MAX_CATCH_UP:
-            reply = await self._request(
-                address, GetPosts(author=author, since=since, limit=_PAGE)
-            )
-            if not isinstance(reply, PostBatch):
-                raise ProtocolError(f"{address} answered GetPosts with {reply!r}")
-            for post in reply.posts:
-                if post.author != author or (since and post.timestamp <= since):
-                    raise ProtocolError(f"{address} sent a post not asked for")
-                post.verify(key)
-            posts.extend(reply.posts)
-            if not reply.more or not reply.posts:
+        *,
+        mark_key: str | None = None,
+    ) -> tuple[int, bool]:
+        """Pull `author`'s posts stamped after `since` from `address`.
+
+        Page by page: each page is checked, stored, and (with `mark_key`,
+        when the source is the author) moves the watermark up to its last
+        post accepted, before the next is asked for; so a pull holds one
+        page at a time. A post stamped too far in the future is refused and
+        ends the pull there (the mark stays before it).
+
+        Returns:
+            How many posts were new, and whether the source answered to the
+            end (not when it failed or sent a bad page; what came before
+            that is kept).
+        """
+        new = taken = 0
+        while taken < _MAX_CATCH_UP:
+            try:
+                page = await self._page(address, author, key, since)
+            except (NetworkError, RemoteError) as exc:
+                log.info("could not pull %s's posts from %s: %s", author, address, exc)
+                return new, False
+            timely = self._timely(page.posts)
+            new += len(await self._accept(timely))
+            if timely and mark_key is not None:
+                mark = timely[-1].timestamp.packed().to_bytes(8)
+                await self._store.put_state(mark_key, mark)
+            taken += len(page.posts)
+            if len(timely) < len(page.posts):
+                self._ratelog.info(
+                    "pulled-future",
+                    "refused %d posts of %s stamped too far in the future",
+                    len(page.posts) - len(timely),
+                    author,
+                )
                 break
-            since = reply.posts[-1].timestamp
+            if not page.more or not page.posts:
+                break
+            since = page.posts[-1].timestamp
+        return new, True
+
+    async def _page(
+        self,
+        address: tuple[str, int],
+        author: str,
+        key: bytes,
+        since: HybridTimestamp | None,
+    ) -> PostBatch:
+        """One page of `author`'s posts after `since` from `address`, checked:
+        each is the author's, signed with `key`, stamped after `since`, and
+        none is older than the one before it.
+
+        Raises:
+            NetworkError: `address` did not answer.
+            RemoteError: It broke the protocol or sent a bad post.
+        """
+        reply = await self._request(
+            address, GetPosts(author=author, since=since, limit=_PAGE)
+        )
+        if not isinstance(reply, PostBatch):
+            name = type(reply).__name__
+            raise ProtocolError(f"{address} answered GetPosts with {name}")
+        previous = None
+        for post in reply.posts:
+            if (
+                post.author != author
+                or (since is not None and post.timestamp <= since)
+                or (previous is not None and post.timestamp < previous)
+            ):
+                raise ProtocolError(f"{address} sent a post not asked for")
+            post.verify(key)
+            previous = post.timestamp
+        return reply
+
+    def _timely(self, posts: Sequence[Post]) -> Sequence[Post]:
+        """`posts` (oldest first) up to the first one stamped more than
+        `max_future_ms` ahead of now."""
+        horizon = self._clock.now_ms() + self.config.max_future_ms
+        for count, post in enumerate(posts):
+            if post.timestamp.physical_ms > horizon:
+                return posts[:count]
         return posts
 
     async def _accept(self, posts: Iterable[Post]) -> list[Post]:
-        """Store verified posts; hand the new ones to `incoming()` iterators."""
+        """Store verified posts; hand the new ones to `incoming()` iterators.
+
+        Posts stamped more than `max_future_ms` ahead are refused.
+        """
         horizon = self._clock.now_ms() + self.config.max_future_ms
         timely = []
         for post in posts:
             if post.timestamp.physical_ms > horizon:
-                log.info("refused a post from the future by %s", post.author)
+                self._ratelog.info(
+                    "future", "refused a post from the future by %s", post.author
+                )
             else:
                 timely.append(post)
         new = await self._store.add(timely)
@@ -814,8 +920,13 @@ class Peer:
         members = await self._online_followers(session)
         host, port = self.address
         me = TreeMember(name=session.username, host=host, port=port)
-        subtrees = self._tree.plan(me, members, post_id=post.id, key=_name)
-        await self._push_all(post, subtrees, self._tree, session)
+        tree = self._tree.arrange(me, members, post_id=post.id, key=_name)
+        # The author's tree is its own followers, each in it once: it re-homes
+        # any of them (and marks them unreachable for its next posts).
+        relay: Relay[TreeMember] = Relay(
+            self._tree, spare=len(members), max_size=MAX_TREE_SIZE
+        )
+        await self._relay(post, relay, tree, session)
 
     async def _online_followers(self, session: _Session) -> list[TreeMember]:
         """The followers to send a post to, refreshing stale presence first."""
@@ -831,34 +942,68 @@ class Peer:
             follower.checked_ms = now
 
         await _bounded(refresh, stale)
-        return [
-            TreeMember(name=f.name, host=f.presence.host, port=f.presence.port)
-            for f in directory.online(self._clock.now_ms())
-            if f.presence is not None
-        ]
+        members = []
+        for follower in directory.online(self._clock.now_ms()):
+            presence = follower.presence
+            assert presence is not None  # online() has a presence
+            if not check_host(presence.host):
+                self._ratelog.info(
+                    "bad-host",
+                    "left %s out of a push: its presence names no usable host",
+                    follower.name,
+                )
+                continue
+            members.append(
+                TreeMember(name=follower.name, host=presence.host, port=presence.port)
+            )
+        return members
+
+    def _relay_for(self, shape: DisseminationTree) -> Relay[TreeMember]:
+        """A `Relay` with this peer's bounds, for a received tree of `shape`."""
+        spare = min(REHOME_PER_FANOUT * shape.fanout, self.config.max_rehomed)
+        return Relay(shape, spare=spare, max_size=MAX_TREE_SIZE)
+
+    async def _relay(
+        self,
+        post: Post,
+        relay: Relay[TreeMember],
+        tree: list[TreeMember],
+        session: _Session | None = None,
+    ) -> None:
+        """Push `post` down `tree`, whose root is this peer, as `relay` says.
+
+        Failed followers of the logged-in user (`session`) are marked
+        unreachable.
+        """
+        await self._push_all(post, relay, relay.start(tree), session)
+        if relay.dropped:
+            self._ratelog.info(
+                "rehome-budget",
+                "left %d members of a tree of %s's post to catch up by pulling: "
+                "too many were unreachable",
+                relay.dropped,
+                post.author,
+            )
 
     async def _push_all(
         self,
         post: Post,
+        relay: Relay[TreeMember],
         subtrees: list[list[TreeMember]],
-        shape: DisseminationTree,
-        session: _Session | None = None,
+        session: _Session | None,
     ) -> None:
-        """Push `post` down each of `subtrees`, trees of `shape`'s arity."""
-        await asyncio.gather(*(self._push(post, t, shape, session) for t in subtrees))
+        await asyncio.gather(*(self._push(post, relay, t, session) for t in subtrees))
 
     async def _push(
         self,
         post: Post,
+        relay: Relay[TreeMember],
         tree: list[TreeMember],
-        shape: DisseminationTree,
-        session: _Session | None = None,
+        session: _Session | None,
     ) -> None:
         """Hand `post` to `tree[0]`, with its subtree to forward; if it cannot be
-        reached after `push_tries`, send to its children instead. A subtree
-        too large for one frame is split: `tree[0]` gets the post alone, and
-        its children are sent their subtrees from here. Failed followers of
-        the logged-in user (`session`) are marked unreachable."""
+        reached after `push_tries`, or its push does not fit in a frame, send
+        what `relay` says instead."""
         child = tree[0]
         delay = self.config.push_backoff
         for attempt in range(self.config.push_tries):
@@ -866,21 +1011,26 @@ class Peer:
                 await asyncio.sleep(delay)
                 delay *= 2
             try:
-                push = PostPush(post=post, fanout=shape.fanout, tree=tuple(tree))
+                push = PostPush(post=post, fanout=relay.shape.fanout, tree=tuple(tree))
                 await self._request((child.host, child.port), push)
                 return
             except FrameTooLarge as exc:
-                if len(tree) == 1:  # Limits.max_frame_size below a post's size
+                split = relay.too_large(tree)
+                if not split:  # Limits.max_frame_size below a post's size
                     log.warning("cannot push to %s: %s", child.name, exc)
-                    return
-                split = [[child], *shape.children(tree)]
-                await self._push_all(post, split, shape, session)
+                await self._push_all(post, relay, split, session)
                 return
-            except (PeerUnreachable, ProtocolError) as exc:
-                log.info("push to %s failed (try %d): %s", child.name, attempt + 1, exc)
+            except (NetworkError, RemoteError) as exc:
+                self._ratelog.info(
+                    "push-failed",
+                    "push to %s failed (try %d): %s",
+                    child.name,
+                    attempt + 1,
+                    exc,
+                )
         if session is not None:
             session.directory.mark_unreachable(child.name)
-        await self._push_all(post, shape.children(tree), shape, session)
+        await self._push_all(post, relay, relay.unreachable(tree), session)
 
     # Requests from other peers
 
@@ -904,25 +1054,41 @@ class Peer:
         return Refusal(reason=f"unexpected {type(message).__name__}")
 
     async def _on_push(self, push: PostPush) -> Message:
-        if not push.tree:
-            raise ProtocolError("empty dissemination tree")
         post = push.post
         post.verify(await self._public_key(post.author))
         session = self._session
         if session is not None and post.author in session.following:
             await self._accept([post])
         # Forward even when not storing (the subtree relies on this peer), but
-        # each subtree once: a replayed or repeated push goes no further.
-        handed = (post.id, hash(push.tree))
-        if handed not in self._forwarded:
-            self._forwarded[handed] = None
-            if len(self._forwarded) > _FORWARD_MEMORY:
-                self._forwarded.popitem(last=False)
-            # The tree's arity is the author's (`PostPush.fanout`), not ours.
-            shape = DisseminationTree(push.fanout)
-            subtrees = shape.children(list(push.tree))
-            self._spawn(self._push_all(post, subtrees, shape))
+        # each post once: a replayed push, or one of the same post with
+        # another tree, goes no further.
+        if not self._remember_forwarded(post.id):
+            return Ack()
+        if len(self._relays) >= self.config.max_relays:
+            self._ratelog.warning(
+                "relays",
+                "did not forward a post by %s: %d forwards under way already "
+                "(its receivers catch up by pulling)",
+                post.author,
+                len(self._relays),
+            )
+            return Ack()
+        # The tree's arity is the author's (`PostPush.fanout`), not ours.
+        shape = DisseminationTree(push.fanout)
+        relay = self._spawn(self._relay(post, self._relay_for(shape), list(push.tree)))
+        self._relays.add(relay)
+        relay.add_done_callback(self._relays.discard)
         return Ack()
+
+    def _remember_forwarded(self, post_id: bytes) -> bool:
+        """Note that the post `post_id` is forwarded; False if it was already."""
+        if post_id in self._forwarded:
+            self._forwarded.move_to_end(post_id)
+            return False
+        self._forwarded[post_id] = None
+        if len(self._forwarded) > _FORWARD_MEMORY:
+            self._forwarded.popitem(last=False)
+        return True
 
     async def _on_get(self, request: GetPosts) -> Message:
         limit = min(request.limit, _PAGE)
@@ -1020,14 +1186,15 @@ class Peer:
         return presence.address
 
     async def _public_key(self, username: str) -> bytes:
-        key = self._keys.get(username)
+        """The key of `username`, from the registry (which caches it).
+
+        Raises:
+            UnknownUser: No such user.
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        key = await self.registry.get_public_key(username)
         if key is None:
-            found = await self.registry.get_public_key(username)
-            if found is None:
-                raise UnknownUser(f"no user {username!r}")
-            key = self._keys[username] = found
-            while len(self._keys) > 100_000:
-                self._keys.popitem(last=False)
+            raise UnknownUser(f"no user {username!r}")
         return key
 
     async def _request(self, address: tuple[str, int], message: Message) -> Message:
@@ -1048,12 +1215,25 @@ class Peer:
     async def _every(
         self, interval: float, job: Callable[[], Awaitable[object]]
     ) -> None:
+        """Run `job` every `interval` seconds until cancelled, whatever it raises.
+
+        Failures are logged, at most once per kind and job every few seconds.
+        """
+        name = getattr(job, "__name__", "job")
         while True:
             await asyncio.sleep(interval)
             try:
                 await job()
             except (NetworkError, RemoteError) as exc:
-                log.info("periodic %s failed: %s", getattr(job, "__name__", job), exc)
+                self._ratelog.info(f"every {name}", "periodic %s failed: %s", name, exc)
+            except StoreError as exc:
+                self._ratelog.warning(
+                    f"every {name} store", "periodic %s failed: %s", name, exc
+                )
+            except Exception:
+                self._ratelog.exception(
+                    f"every {name} bug", "periodic %s failed; it will run again", name
+                )
 
     def _require_session(self) -> _Session:
         if self._session is None:
@@ -1064,10 +1244,11 @@ class Peer:
         if self._session is not None:
             raise UsageError(f"{self._session.username} is logged in: log out first")
 
-    def _spawn(self, coro: Awaitable[object]) -> None:
+    def _spawn(self, coro: Awaitable[object]) -> asyncio.Future[object]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(_forget(self._tasks))
+        return task
 
     def _session_task(self, session: _Session, coro: Awaitable[object]) -> None:
         task = asyncio.ensure_future(coro)
@@ -1101,6 +1282,14 @@ def _forget(
             log.error("background task failed", exc_info=task.exception())
 
     return done
+
+
+async def _cancel(tasks: set[asyncio.Future[object]]) -> None:
+    """Cancel `tasks` and wait until they are all done."""
+    pending = list(tasks)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 async def _bounded(
