@@ -91,13 +91,13 @@ class PeerConfig:
     """Tries to hand a post to a child in the tree before re-homing its subtree."""
     push_backoff: float = 0.1
     """Seconds before the second try; doubled before each further one."""
-    max_rehomed: int = 64
+    max_rehomed: int = attrs.field(default=64, validator=attrs.validators.ge(0))
     """Most members a peer pushes a post to in place of unreachable ones, per
     push it forwards: `REHOME_PER_FANOUT` (8) times the tree's fanout, and
     never more than this. The rest of an unreachable member's subtree catches
     up by pulling. (An author re-homes any of its own followers.) See
     `Relay`."""
-    max_relays: int = 64
+    max_relays: int = attrs.field(default=64, validator=attrs.validators.ge(0))
     """Most received pushes forwarded at once; a push beyond is stored but not
     forwarded (its subtree catches up by pulling)."""
     max_future_ms: int = 5 * 60 * 1000

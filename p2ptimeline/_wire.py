@@ -62,15 +62,18 @@ _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
 
 def check_host(host: str) -> bool:
-    """Whether `host` is an IP address or a DNS name (at most 253 characters
-    of dot-separated labels of letters, digits, ``-`` and ``_``)."""
+    """Whether `host` is an IP address or a DNS name: at most 253 characters
+    of dot-separated labels of ASCII letters, digits, ``-`` and ``_``, the
+    last not all digits (so no legacy forms of addresses, like ``0x7f.1``)."""
     if not isinstance(host, str) or not 0 < len(host) <= 253:
         return False
     try:
         ipaddress.ip_address(host)
     except ValueError:
         labels = host.removesuffix(".").split(".")
-        return all(_LABEL.fullmatch(label) for label in labels)
+        return not labels[-1].isdigit() and all(
+            _LABEL.fullmatch(label) for label in labels
+        )
     return True
 
 
