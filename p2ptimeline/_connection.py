@@ -616,6 +616,12 @@ class ConnectionPool:
         self._waiting[address] += 1
         try:
             return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if opening.cancelled() and task is not None and not task.cancelling():
+                # Not this request's cancellation: the pool closed meanwhile.
+                raise PeerUnreachable(f"cannot connect to {address}: closed") from None
+            raise
         finally:
             self._waiting[address] -= 1
             if not self._waiting[address]:
