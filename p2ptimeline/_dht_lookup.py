@@ -36,6 +36,7 @@ import attrs
 from kademlia.node import Node
 
 from ._dht_wire import FoundReply
+from ._ratelog import RateLimitedLog
 
 if TYPE_CHECKING:
     from ._dht_protocol import RegistryProtocol
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["Lookup", "LookupResult"]
 
 log = logging.getLogger("p2ptimeline.dht")
+_log = RateLimitedLog(log)  # lines remote parties can trigger
 
 _UNCONFIRMED_IN_FLIGHT = 2  # a node's unconfirmed candidates asked at once
 _DISTRUST_AFTER = 2  # failures of a node's unconfirmed candidates
@@ -177,7 +179,11 @@ class Lookup:
                 for call in done:
                     self._settle(in_flight.pop(call), call.result())
                 if loop.time() >= deadline:
-                    log.info("lookup of %s hit its deadline", self._key.hex()[:12])
+                    _log.info(
+                        "deadline",
+                        "lookup of %s hit its deadline",
+                        self._key.hex()[:12],
+                    )
                     break
         finally:
             for call in in_flight:  # they still update the routing table
@@ -257,7 +263,7 @@ class Lookup:
         self._failures[voucher] += 1
         if self._failures[voucher] >= _DISTRUST_AFTER:
             if voucher not in self._distrusted:
-                log.info("distrusting the nodes named by %s", voucher)
+                _log.info("distrust", "distrusting the nodes named by %s", voucher)
             self._distrusted.add(voucher)
 
     def _settle(self, candidate: _Candidate, reply: FoundReply | None) -> None:

@@ -241,28 +241,36 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         """Whether the routing table holds any node."""
         return any(len(bucket) for bucket in self.protocol.router.buckets)
 
-    async def read(self, key: bytes, quorum: int) -> list[Replica]:
+    async def read(
+        self, key: bytes, quorum: int, *, patient: bool = False
+    ) -> list[Replica]:
         """Every valid answer for `key`, from the closest nodes and from here,
         closest first.
 
         The lookup ends once the `quorum` closest nodes it knows answered
-        (the `ksize` closest, if none of those holds a value).
+        (the `ksize` closest, if none of those holds a value). With
+        `patient`, a node that is slow to answer is waited for until its
+        request times out, rather than passed over for the next closest.
 
         Raises:
             RegistryUnavailable: No other node is known, or none answered.
         """
         await self.ensure_joined()
         started = time.monotonic()
-        lookup = self._new_lookup(key, values=True, quorum=quorum, alpha=quorum)
-        found = await lookup.run()
+        options = {
+            "values": True,
+            "quorum": quorum,
+            "alpha": quorum,
+            "patient": patient,
+        }
+        found = await self._new_lookup(key, **options).run()
         if not any(r.value for _, r in found.answers) and self.protocol.forgive(
             found.failed, marked_before=started
         ):
             # Nodes skipped as unreachable may only have been slow once (on
             # an overloaded host): ask them again before calling it absent.
             # (Not those that failed during this read: they were asked.)
-            lookup = self._new_lookup(key, values=True, quorum=quorum, alpha=quorum)
-            found = await lookup.run()
+            found = await self._new_lookup(key, **options).run()
         if not found.answers:
             # Silence is not absence: without a single answer, nothing is known.
             raise RegistryUnavailable("no DHT node answered the read")

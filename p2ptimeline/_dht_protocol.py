@@ -65,6 +65,7 @@ from ._dht_wire import (
     source_of,
     unpack,
 )
+from ._ratelog import RateLimitedLog
 from ._records import Outcome, RegistryValue
 
 __all__ = ["MAX_DATAGRAM", "UNREACHABLE_FOR", "RegistryProtocol"]
@@ -132,6 +133,7 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             collections.OrderedDict()
         )
         self._checks = 0
+        self._log = RateLimitedLog(log)  # for what remote parties trigger
         self._handover_budget = float(_HANDOVER_BURST)
         self._handover_refilled = time.monotonic()
 
@@ -183,20 +185,24 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
         if not ID_SIZE + 2 <= len(data) <= MAX_DATAGRAM:
-            log.info("dropped a datagram of %d bytes from %s", len(data), addr)
+            self._log.info(
+                "size", "dropped a datagram of %d bytes from %s", len(data), addr
+            )
             return
         kind, msg_id = data[:1], data[1 : ID_SIZE + 1]
         try:
             message = unpack(data[ID_SIZE + 1 :])
         except Exception as exc:  # anything msgpack raises on garbage
-            log.info("dropped an undecodable datagram from %s: %r", addr, exc)
+            self._log.info(
+                "undecodable", "dropped an undecodable datagram from %s: %r", addr, exc
+            )
             return
         if kind == _REQUEST:
             self._answer(msg_id, message, addr, len(data))
         elif kind == _RESPONSE:
             self._accept_response(msg_id, message, addr)
         else:
-            log.info("dropped a datagram of unknown kind from %s", addr)
+            self._log.info("kind", "dropped a datagram of unknown kind from %s", addr)
 
     def _answer(
         self, msg_id: bytes, message: object, addr: tuple[str, int], size: int
@@ -212,7 +218,7 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             )
             answer = self._handle(request, addr, proven)
         except (TypeError, ValueError) as exc:
-            log.info("dropped a bad request from %s: %s", addr, exc)
+            self._log.info("request", "dropped a bad request from %s: %s", addr, exc)
             return
         answer["id"] = self.source_node.id
         answer["token"] = self._tokens.issue(addr, now)
@@ -270,7 +276,9 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             key, value, source=source_of(addr), now_ms=self._now_ms()
         )
         if result.outcome is Outcome.INVALID:
-            log.info("refused a value for %s: %s", key.hex()[:12], result.reason)
+            self._log.info(
+                "value", "refused a value for %s: %s", key.hex()[:12], result.reason
+            )
         return result
 
     def _is_far(self, key: bytes) -> bool:
@@ -369,7 +377,11 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             if raw is None:
                 continue
             if len(raw) > self._handover_budget:
-                log.info("hand-over budget spent: %s gets the rest later", newcomer)
+                self._log.info(
+                    "hand-over",
+                    "hand-over budget spent: %s gets the rest later",
+                    newcomer,
+                )
                 break
             self._handover_budget -= len(raw)
             sent += 1
@@ -520,7 +532,7 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         reply = parse_ping(data) if ok else None
         if reply is None:
             if ok:
-                log.info("garbage ping reply from %s", node)
+                self._log.info("reply", "garbage ping reply from %s", node)
             self._silent(node)
             return None
         return (
@@ -554,7 +566,7 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         reply = parse_stored(data, self._decoder(key)) if ok else None
         if reply is None:
             if ok:
-                log.info("unusable store reply from %s", node)
+                self._log.info("reply", "unusable store reply from %s", node)
             else:
                 self._silent(node)
             return None
@@ -576,13 +588,16 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         reply = parse_found(data, self._decoder(key)) if ok else None
         if reply is None:
             if ok:
-                log.info("garbage %s reply from %s", name, node)
+                self._log.info("reply", "garbage %s reply from %s", name, node)
             else:
                 self._silent(node)
             return None
         if reply.invalid is not None:
-            log.info(
-                "ignored an invalid value for %s: %s", key.hex()[:12], reply.invalid
+            self._log.info(
+                "value",
+                "ignored an invalid value for %s: %s",
+                key.hex()[:12],
+                reply.invalid,
             )
         if not self._answered(node, reply.responder, reply.token):
             return None

@@ -29,12 +29,14 @@ import attrs
 from kademlia.storage import IStorage
 
 from ._errors import DecodeError, InvalidRecord
+from ._ratelog import RateLimitedLog
 from ._records import MAX_VALUE_SIZE, Outcome, RegistryValue, check_value, merge
 from ._serializer import Serializer
 
 __all__ = ["RecordStorage", "StoreResult", "decode_value"]
 
 log = logging.getLogger("p2ptimeline.dht")
+_log = RateLimitedLog(log)  # lines remote parties can trigger
 
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 """Bytes of values a node keeps by default."""
@@ -188,7 +190,7 @@ class RecordStorage(IStorage):  # type: ignore[misc]  # untyped base class
         """Drop the least recently written key of the heaviest sender."""
         heaviest = max(self._by_source, key=self._by_source.__getitem__)
         key = next(iter(self._keys_of[heaviest]))
-        log.info("storage full: evicted %s of %s", key.hex()[:12], heaviest)
+        _log.info("evicted", "storage full: evicted %s of %s", key.hex()[:12], heaviest)
         self.forget(key)
 
     def forget(self, key: bytes) -> None:

@@ -539,20 +539,19 @@ class DhtRegistry:
         Only the replicas among the `ksize` closest nodes count (this node's
         own storage only if it is one of them), one vote each (see
         `claim_winner`). With `everywhere`, all `ksize` closest nodes are
-        asked, so that two claimers of one name, each reading once both
-        writes landed, count the same votes and agree on who won. Otherwise
-        the read stops at the read quorum, unless the replicas there
-        disagree (a race's leftovers, or a liar among them): then it asks
-        them all.
+        asked, and waited for even when slow, so that two claimers of one
+        name, each reading once both writes landed, count the same votes
+        and agree on who won. Otherwise the read stops at the read quorum,
+        unless any answer shows another key's claim or a withdrawal (a
+        race's leftovers, or a liar somewhere): then it reads everywhere.
         """
         key = claim_key(username)
         node = self._started()
-        replicas = await node.read(key, node.ksize if everywhere else self.read_quorum)
-        claims = [
-            r.value.claim for r in replicas if r.close and r.value and r.value.claim
-        ]
-        winner, contested = claim_winner(claims)
-        if contested and not everywhere:
+        quorum = node.ksize if everywhere else self.read_quorum
+        replicas = await node.read(key, quorum, patient=everywhere)
+        held = [(r.close, r.value.claim) for r in replicas if r.value and r.value.claim]
+        winner, contested = claim_winner([claim for close, claim in held if close])
+        if not everywhere and (contested or _disagree([c for _, c in held])):
             return await self._read_claim(username, everywhere=True)
         self._names.put(username, winner, time.monotonic())
         if winner is not None:
@@ -657,6 +656,12 @@ class DhtRegistry:
                     await node._refresh_table()
             except Exception:  # keep maintaining whatever one round hit
                 log.exception("DHT maintenance failed")
+
+
+def _disagree(claims: list[UsernameClaim]) -> bool:
+    """Whether claims (from any replicas, close or not) name more than one
+    key, or include a withdrawal."""
+    return len({c.public_key for c in claims}) > 1 or any(c.withdrawn for c in claims)
 
 
 def _rival_claim(reply: StoreReply, identity: Identity) -> bool:
