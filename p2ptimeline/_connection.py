@@ -281,17 +281,17 @@ class _Connection(asyncio.Protocol):
             FrameTooLarge: The request does not fit in a frame; nothing was sent.
         """
         request_id = next(self._ids)
-        data = encode_frame(
-            self._serializer,
-            Frame.of(message, request_id=request_id),
-            self._limits.max_frame_size,
-        )
         future: asyncio.Future[Message] = self._loop.create_future()
         self._pending[request_id] = future
         try:
             await self._reserve(0)  # until the remote takes what we wrote
-            self._write(data)
-            del data  # the transport holds what it has not sent
+            self._write(
+                encode_frame(
+                    self._serializer,
+                    Frame.of(message, request_id=request_id),
+                    self._limits.max_frame_size,
+                )
+            )
             reply = await future
         except (ConnectionError, OSError) as exc:
             raise PeerUnreachable(f"{self.remote}: {exc}") from exc

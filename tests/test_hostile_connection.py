@@ -199,8 +199,9 @@ async def test_a_slow_reader_gets_every_reply() -> None:
 async def test_requests_to_a_receiver_that_never_reads_do_not_pile_up() -> None:
     """Many concurrent large requests to a peer that never reads: the pool
     writes one only once the last has been taken, so what it buffers stays
-    under 1 MiB, and the requests fail as unreachable in time."""
-    pool = ConnectionPool(SERIALIZER, pt.Limits(request_timeout=1.0))
+    under 1 MiB; the requests fail as unreachable in time, and the
+    connection is dropped once the peer has taken nothing for frame_timeout."""
+    pool = ConnectionPool(SERIALIZER, pt.Limits(request_timeout=1.0, frame_timeout=0.5))
     try:
         async with SilentServer() as sink:
             requests = [
@@ -217,6 +218,7 @@ async def test_requests_to_a_receiver_that_never_reads_do_not_pile_up() -> None:
 
             await eventually(watch, within=5, every=0.005)
             results = await asyncio.gather(*requests, return_exceptions=True)
+            await eventually(transport.is_closing, within=3)
     finally:
         async with asyncio.timeout(3):
             await pool.close()
@@ -242,6 +244,20 @@ async def test_closing_the_server_frees_a_connection_that_does_not_read() -> Non
         assert transport.is_closing()
     finally:
         attacker.close()
+
+
+async def test_quiet_connections_are_closed_after_idle_timeout() -> None:
+    """A connection that sends nothing is closed after idle_timeout, and so
+    is one that was served and then fell quiet."""
+    async with serving(acks, pt.Limits(idle_timeout=0.3)) as address:
+        idle = await RawClient.connect(address)
+        assert await idle.closed_by_peer(within=3)
+        idle.close()
+        served = await RawClient.connect(address)
+        served.request(ASK)
+        assert [f.message for f in await served.frames(1)] == [Ack()]
+        assert await served.closed_by_peer(within=3)
+        served.close()
 
 
 # Point 11: connects and connections
