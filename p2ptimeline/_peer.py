@@ -294,8 +294,10 @@ class Peer:
         try:
             async with asyncio.timeout(self.config.rpc_timeout * 2):
                 await self.logout()
-        except (NetworkError, RemoteError, StoreError, TimeoutError) as exc:
-            log.warning("could not log out cleanly: %s", exc)
+        except (NetworkError, TimeoutError) as exc:  # the lease lapses instead
+            log.info("could not publish the logout: %r", exc)
+        except (RemoteError, StoreError) as exc:
+            log.warning("could not log out cleanly: %r", exc)
         except Exception:
             log.exception("could not log out cleanly")
 
@@ -1062,8 +1064,8 @@ class Peer:
         # Forward even when not storing (the subtree relies on this peer), but
         # each post once: a replayed push, or one of the same post with
         # another tree, goes no further.
-        if not self._remember_forwarded(post.id):
-            return Ack()
+        if len(push.tree) == 1 or not self._remember_forwarded(post.id):
+            return Ack()  # a leaf, or forwarded already
         if len(self._relays) >= self.config.max_relays:
             self._ratelog.warning(
                 "relays",
