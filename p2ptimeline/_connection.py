@@ -11,7 +11,8 @@ What one remote party can make a peer hold is bounded by `Limits`:
 * bytes in: one frame being assembled, which must arrive whole within
   `frame_timeout` of its first byte;
 * requests: `max_pending` handled at once per connection, four times as
-  many queued, the rest refused;
+  many queued, the rest refused; and no more read while those held take
+  `max_buffered` bytes;
 * replies: `max_buffered` bytes per connection, shared between replies
   being made (a handler reserves what its reply may take before it runs)
   and replies written but not yet taken by the remote (writing pauses past
@@ -108,7 +109,8 @@ class Limits:
     third of this) plus replies being made, each counted at what it may take
     (`max_page_size` for a `GetPosts`, 1 KiB for any other request). While
     it is spent, the connection's next requests are neither read nor
-    started."""
+    started. Apart from that, the requests read and not yet answered may
+    take as many bytes (as received) before reading pauses."""
     max_page_size: int = 128 * 1024
     """Most bytes of one page of posts: the frame answering a `GetPosts`
     (at most `max_frame_size` of it is used). Larger pages mean fewer
@@ -152,9 +154,10 @@ class _Connection(asyncio.Protocol):
         # Requests out, waiting for their replies.
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
-        # Requests in, being answered.
+        # Requests in, being answered, and the bytes they came in.
         self._handlers: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(limits.max_pending)
+        self._requests_held = 0
         # Flow control: bytes reserved by replies being made, waiters for
         # room in FIFO order, and whether the remote takes what we write.
         self._high_water = limits.max_buffered // 3
@@ -211,6 +214,7 @@ class _Connection(asyncio.Protocol):
             self._arm_read_timer()
 
     def data_received(self, data: bytes) -> None:
+        before = self._decoder.buffered
         try:
             frames = self._decoder.feed(data)
         except RemoteError as exc:
@@ -225,8 +229,14 @@ class _Connection(asyncio.Protocol):
             self._frame_deadline = None
         elif frames or self._frame_deadline is None:  # a new frame began
             self._frame_deadline = now + limits.frame_timeout
-        for frame in frames:
-            self._dispatch(frame)
+        if frames:
+            # What each request held costs: its share of the bytes it came in.
+            consumed = before + len(data) - self._decoder.buffered
+            share, rest = divmod(consumed, len(frames))
+            for frame in frames:
+                self._dispatch(frame, share + rest)
+                rest = 0
+            self._update_reading()
         self._arm_read_timer()
 
     def eof_received(self) -> bool:
@@ -234,22 +244,11 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
-        if self._handler is not None and self._transport is not None:
-            # Requests make replies: read no more of them until these leave.
-            # (A client keeps reading: replies are what unblock its peer.)
-            self._reading_paused = True
-            self._transport.pause_reading()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._writing_paused = False
-        if self._reading_paused and self._transport is not None:
-            self._reading_paused = False
-            self._transport.resume_reading()
-            now = self._loop.time()
-            self._idle_deadline = now + self._limits.idle_timeout
-            if self._decoder.buffered:
-                self._frame_deadline = now + self._limits.frame_timeout
-            self._arm_read_timer()
+        self._update_reading()
         self._grant()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -304,7 +303,8 @@ class _Connection(asyncio.Protocol):
 
     # Requests in
 
-    def _dispatch(self, frame: Frame) -> None:
+    def _dispatch(self, frame: Frame, size: int) -> None:
+        """Take one frame that came in `size` bytes."""
         if self.closed:  # e.g. an earlier frame of the same read closed it
             return
         if frame.reply_to:
@@ -325,7 +325,8 @@ class _Connection(asyncio.Protocol):
             )
             self._refuse(frame, "too many pending requests")
             return
-        task = self._loop.create_task(self._answer(frame))
+        self._requests_held += size
+        task = self._loop.create_task(self._answer(frame, size))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
 
@@ -343,35 +344,44 @@ class _Connection(asyncio.Protocol):
             return
         self._write(data)
 
-    async def _answer(self, frame: Frame) -> None:
-        need = _SMALL_REPLY
-        if isinstance(frame.message, GetPosts):
-            need = min(self._limits.max_page_size, self._limits.max_frame_size)
+    async def _answer(self, frame: Frame, size: int) -> None:
+        """Answer a request that came in `size` bytes, counted as held until
+        it is answered."""
         try:
             async with self._slots:
-                await self._reserve(need)
-                try:
-                    reply = await self._reply_to(frame.message)
-                    data = self._encode_reply(reply, frame.request_id)
-                    del reply
-                    if len(data) > need:
-                        # Larger than its reservation (a handler ignoring
-                        # max_page_size): held uncounted until all of it fits.
-                        self._release(need)
-                        need = 0
-                        await self._reserve(len(data))
-                        need = len(data)
-                    self._write(data)
-                    self.served += 1
-                    self.last_used = self._loop.time()
-                finally:
-                    self._release(need)
+                await self._reply_within_budget(frame)
         except (ConnectionError, OSError):
             pass  # the connection closed: nobody to answer
         except Exception:
             self._log.exception(
                 "answer", "failed to answer a request from %s", self.remote
             )
+        finally:
+            self._requests_held -= size
+            self._update_reading()
+
+    async def _reply_within_budget(self, frame: Frame) -> None:
+        """Reserve room for the reply, make it, write it."""
+        need = _SMALL_REPLY
+        if isinstance(frame.message, GetPosts):
+            need = min(self._limits.max_page_size, self._limits.max_frame_size)
+        await self._reserve(need)
+        try:
+            reply = await self._reply_to(frame.message)
+            data = self._encode_reply(reply, frame.request_id)
+            del reply
+            if len(data) > need:
+                # Larger than its reservation (a handler ignoring
+                # max_page_size): held uncounted until all of it fits.
+                self._release(need)
+                need = 0
+                await self._reserve(len(data))
+                need = len(data)
+            self._write(data)
+            self.served += 1
+            self.last_used = self._loop.time()
+        finally:
+            self._release(need)
 
     async def _reply_to(self, message: Message) -> Message:
         assert self._handler is not None
@@ -400,6 +410,27 @@ class _Connection(asyncio.Protocol):
             )
 
     # Flow control
+
+    def _update_reading(self) -> None:
+        """Serving, read no more requests while the replies written are not
+        taken (a client keeps reading: replies are what unblock its peer),
+        or while the requests held take the budget."""
+        transport = self._transport
+        if self._handler is None or transport is None or self._lost.done():
+            return
+        pause = self._writing_paused or self._requests_held >= self._limits.max_buffered
+        if pause == self._reading_paused:
+            return
+        self._reading_paused = pause
+        if pause:
+            transport.pause_reading()
+            return
+        transport.resume_reading()
+        now = self._loop.time()
+        self._idle_deadline = now + self._limits.idle_timeout
+        if self._decoder.buffered:
+            self._frame_deadline = now + self._limits.frame_timeout
+        self._arm_read_timer()
 
     def _held(self) -> int:
         """Bytes of replies this connection makes us hold right now."""

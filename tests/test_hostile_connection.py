@@ -175,6 +175,45 @@ async def test_a_connection_that_does_not_read_gets_no_new_requests_served() -> 
     assert 0 < calls <= (kernel + 768 * 1024) // page + 1 < 100
 
 
+async def test_requests_held_unanswered_are_bounded_in_bytes() -> None:
+    """Large requests whose handler is slow to return: the server stops
+    reading once the requests it holds take its budget, so it holds a few
+    of them, not four times max_pending."""
+    release = asyncio.Event()
+    calls = 0
+
+    async def stuck(message: Message, remote: tuple[str, int]) -> Message:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return Ack()
+
+    async with serving(stuck, pt.Limits()) as address:
+        client = await RawClient.connect(address)
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            tracemalloc.reset_peak()
+            with contextlib.suppress(TimeoutError):
+                for _ in range(200):
+                    client.request(PAGE)
+                    async with asyncio.timeout(1):  # the peer stopped reading
+                        await client.writer.drain()
+            await eventually(client.peer_side)
+            transport = client.peer_side()
+            assert transport is not None
+            with contextlib.suppress(TimeoutError):
+                await eventually(lambda: not transport.is_reading(), within=3)
+            peak = tracemalloc.get_traced_memory()[1] - base
+        finally:
+            tracemalloc.stop()
+            release.set()
+            client.close()
+    size = len(pt._wire.encode_frame(SERIALIZER, Frame.of(PAGE, request_id=1)))
+    assert 0 < calls <= 768 * 1024 // size + 2
+    assert peak < 4 * MiB
+
+
 async def test_a_slow_reader_gets_every_reply() -> None:
     """A client that reads its replies slowly is not cut off: the peer waits
     for it, and every request is answered."""
