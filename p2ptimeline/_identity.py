@@ -30,6 +30,7 @@ import functools
 import itertools
 import os
 import string
+import threading
 import unicodedata
 
 from cryptography.exceptions import InvalidSignature as _CryptoInvalidSignature
@@ -59,6 +60,8 @@ __all__ = [
     "check_password",
     "verify",
 ]
+
+_ARGON2_LOCK = threading.Lock()  # see `_derive`
 
 PUBLIC_KEY_SIZE = 32
 """Size in bytes of a raw Ed25519 public key."""
@@ -273,13 +276,14 @@ def _derive(password: str, header: bytes) -> bytes:
     secret = unicodedata.normalize("NFC", password).encode("utf-8")
     if version == _ARGON2ID:
         _check_argon2(cost1, cost2, cost3)
-        return Argon2id(
-            salt=salt,
-            length=32,
-            iterations=cost2,
-            lanes=cost3,
-            memory_cost=1 << cost1,
-        ).derive(secret)
+        kdf = Argon2id(
+            salt=salt, length=32, iterations=cost2, lanes=cost3, memory_cost=1 << cost1
+        )
+        # OpenSSL's Argon2 (cryptography 50) fails or hangs when two
+        # derivations run at once in one process (seen with two threads);
+        # and each one takes its memory cost anyway: one at a time.
+        with _ARGON2_LOCK:
+            return kdf.derive(secret)
     if version == _SCRYPT:
         _check_scrypt(cost1, cost2, cost3)
         return Scrypt(salt=salt, length=32, n=1 << cost1, r=cost2, p=cost3).derive(

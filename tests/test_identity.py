@@ -392,3 +392,18 @@ async def test_cli_refuses_a_weak_password_and_changes_one() -> None:
         )
         assert (code, err) == (1, "error: wrong password\n")
         assert "logged in as zoe" in out
+
+
+async def test_many_seals_at_once_in_threads_all_succeed() -> None:
+    """Sealing in many threads at once (as peers in one process registering
+    together do) succeeds every time: OpenSSL's Argon2 fails or hangs when
+    two derivations run at once, so they take turns."""
+    identities = [pt.Identity.generate() for _ in range(32)]
+    async with asyncio.timeout(60):
+        blobs = await asyncio.gather(
+            *(asyncio.to_thread(i.seal, "correct horse", cost=10) for i in identities)
+        )
+    assert all(
+        pt.Identity.unseal(b, "correct horse").public_key == i.public_key
+        for b, i in zip(blobs, identities, strict=True)
+    )
