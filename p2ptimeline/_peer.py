@@ -21,6 +21,7 @@ from ._directory import Follower, FollowerDirectory
 from ._errors import (
     AuthError,
     InvalidRecord,
+    InvalidSignature,
     NetworkError,
     NotLoggedIn,
     PeerUnreachable,
@@ -881,7 +882,7 @@ class Peer:
                 or (previous is not None and post.timestamp < previous)
             ):
                 raise ProtocolError(f"{address} sent a post not asked for")
-            post.verify(key)
+            key = await self._verify(post, key)
             previous = post.timestamp
         return reply
 
@@ -1057,7 +1058,7 @@ class Peer:
 
     async def _on_push(self, push: PostPush) -> Message:
         post = push.post
-        post.verify(await self._public_key(post.author))
+        await self._verify(post)
         session = self._session
         if session is not None and post.author in session.following:
             await self._accept([post])
@@ -1099,7 +1100,8 @@ class Peer:
         )
         # As many of them as fit in one frame (long texts in wide characters
         # do not fit by the hundred); the asker comes back for the rest.
-        room = self.config.limits.max_frame_size - _FRAME_ENVELOPE
+        limits = self.config.limits
+        room = min(limits.max_page_size, limits.max_frame_size) - _FRAME_ENVELOPE
         for count, post in enumerate(posts):
             room -= len(self._serializer.encode(post))
             if room < 0:
@@ -1186,6 +1188,32 @@ class Peer:
         if presence is None or not presence.is_online(self._clock.now_ms()):
             return None
         return presence.address
+
+    async def _verify(self, post: Post, key: bytes | None = None) -> bytes:
+        """Check `post` with its author's key (`key`, or the registry's); the
+        key that verified it.
+
+        A key read from the registry can be wrong (a read outvoted by lying
+        nodes): if the post does not verify, the author's name is read again
+        from all the closest nodes (at most once a minute per name), and the
+        key found there, if another, is tried.
+
+        Raises:
+            InvalidRecord: It does not verify (`InvalidSignature`), or its
+                id does not match its content.
+            UnknownUser: The author is not registered.
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        key = key or await self._public_key(post.author)
+        try:
+            post.verify(key)
+        except InvalidSignature:
+            fresh = await self.registry.recheck_user(post.author)
+            if fresh is None or fresh == key:
+                raise
+            post.verify(fresh)
+            return fresh
+        return key
 
     async def _public_key(self, username: str) -> bytes:
         """The key of `username`, from the registry (which caches it).

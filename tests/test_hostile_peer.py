@@ -510,3 +510,27 @@ async def test_a_corrected_key_is_used_at_once(
     monkeypatch.setattr(fan.registry, "get_public_key", real)
     post = await star.post("accepted: the key is right")
     await eventually(lambda: holds(fan, post), within=5)
+
+
+async def test_a_post_failing_a_wrongly_cached_key_makes_the_peer_read_it_again(
+    peer: PeerFactory,
+) -> None:
+    """When the registry's cache binds an author to a wrong key (a read that
+    lying nodes outvoted), the author's genuine push fails to verify with it;
+    the peer then reads the name again from all the closest nodes, takes the
+    right key, and accepts the post."""
+    star = await peer("star")
+    fan = await peer("fan")
+    await fan.follow("star")
+    mallory = pt.Identity.generate()
+    wrong = pt.UsernameClaim.create(mallory, "star", b"", seq=1)
+    fan.registry._names.put("star", wrong, time.monotonic())  # as a bad read left it
+    post = await star.post("mine, signed with my key")
+    await eventually(lambda: holds(fan, post), within=10)
+    assert await fan.registry.get_public_key("star") == star_key(star)
+
+
+def star_key(peer: pt.Peer) -> bytes:
+    """The public key of the user logged in on `peer`."""
+    assert peer._session is not None
+    return peer._session.identity.public_key
