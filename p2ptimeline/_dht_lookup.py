@@ -155,15 +155,25 @@ class Lookup:
                         continue
                     break
                 active = [c for c in in_flight.values() if not self._overdue(c, now)]
+                # A node's unconfirmed candidates waiting for an answer.
+                vouched = collections.Counter(c.sole_voucher() for c in active)
                 skipped = False
                 for candidate in head:
                     if len(active) >= self._alpha:
                         break
-                    if candidate.state == "new" and self._may_ask(candidate, now):
-                        if self._ask(candidate, now, in_flight):
-                            active.append(candidate)
-                        else:
-                            skipped = True
+                    if candidate.state != "new":
+                        continue
+                    voucher = candidate.sole_voucher()
+                    if (
+                        voucher is not None
+                        and vouched[voucher] >= _UNCONFIRMED_IN_FLIGHT
+                    ):
+                        continue
+                    if self._ask(candidate, now, in_flight):
+                        active.append(candidate)
+                        vouched[voucher] += 1
+                    else:
+                        skipped = True
                 if not in_flight:
                     if skipped:
                         continue  # rank again without them
@@ -221,21 +231,6 @@ class Lookup:
         ]
         live.sort(key=_distance)
         return live
-
-    def _may_ask(self, candidate: _Candidate, now: float) -> bool:
-        """Whether the node that alone named `candidate` has fewer than
-        `_UNCONFIRMED_IN_FLIGHT` such candidates waiting for an answer."""
-        voucher = candidate.sole_voucher()
-        if voucher is None:
-            return True
-        asking = sum(
-            1
-            for c in self._by_address.values()
-            if c.state == "asking"
-            and not self._overdue(c, now)
-            and c.sole_voucher() == voucher
-        )
-        return asking < _UNCONFIRMED_IN_FLIGHT
 
     def _ask(
         self,
