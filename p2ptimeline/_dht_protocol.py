@@ -84,7 +84,8 @@ _HANDOVER_SCAN = 1024  # stored keys examined per newcomer at most
 _HANDOVER_RATE = 64 * 1024  # bytes per second handed over, on average
 _HANDOVER_BURST = 256 * 1024  # ... and at most in one burst
 _TOKENS_HELD = 10_000  # tokens of other nodes remembered
-_PING_SIZE = 64  # bytes of a ping datagram, at most (without a token)
+_PING_SIZE = 64  # bytes of a ping datagram, at most
+_SMALLEST_ANSWER = 64  # bytes of our smallest answer (id, token, outcome), about
 
 
 class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
@@ -213,8 +214,13 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
             proven = request.extra is not None and self._tokens.check(
                 addr, request.extra, now
             )
+            # An unproven address is pinged only if its request pays for the
+            # ping (sent twice if unanswered) as well as for the answer.
+            spare = AMPLIFICATION * size - ID_SIZE - 1 - 2 * _PING_SIZE
             checking = self._heard_from(
-                Node(request.sender_id, addr[0], addr[1]), proven
+                Node(request.sender_id, addr[0], addr[1]),
+                proven,
+                check=proven or spare >= _SMALLEST_ANSWER,
             )
             answer = self._handle(request, addr, proven)
         except (TypeError, ValueError) as exc:
@@ -223,10 +229,10 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         answer["id"] = self.source_node.id
         answer["token"] = self._tokens.issue(addr, now)
         budget = None
-        if not proven:  # what we send there: the answer, and maybe a ping
-            budget = (
-                AMPLIFICATION * size - ID_SIZE - 1 - (_PING_SIZE if checking else 0)
-            )
+        if not proven:  # what we send there: the answer, and maybe two pings
+            budget = AMPLIFICATION * size - ID_SIZE - 1
+            if checking:
+                budget -= 2 * _PING_SIZE
         data = answer_bytes(
             answer,
             plain=None if request.extra is not None else request.name,
@@ -309,16 +315,18 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
 
     # The routing table: contacts are nodes that answered us
 
-    def _heard_from(self, node: Node, proven: bool) -> bool:
+    def _heard_from(self, node: Node, proven: bool, *, check: bool) -> bool:
         """A node asked us something: note it if it is a contact and proved
-        its address; if it is new here (or back at another address), ping it
-        (at most once in `_CHECK_AGAIN_AFTER` seconds per address), and take
-        it in if it answers. Whether a ping is sent."""
+        its address; if it is new here (or back at another address) and
+        `check`, ping it (at most once in `_CHECK_AGAIN_AFTER` seconds per
+        address), and take it in if it answers. Whether a ping is sent."""
         address = (node.ip, node.port)
         if self.router.knows(node):
             if proven:
                 self._unreachable.pop(address, None)  # it is back
                 self.router.heard_from(node)
+            return False
+        if not check:
             return False
         checked = self._checked.get(address)
         now = time.monotonic()

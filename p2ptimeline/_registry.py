@@ -536,19 +536,20 @@ class DhtRegistry:
     ) -> UsernameClaim | None:
         """The live claim of `username` held by most of the closest nodes.
 
-        Only the replicas among the `ksize` closest nodes count (this node's
-        own storage only if it is one of them), one vote each (see
-        `claim_winner`). With `everywhere`, all `ksize` closest nodes are
-        asked, and waited for even when slow, so that two claimers of one
+        The read asks the `ksize` closest nodes (not just the read quorum,
+        as reads of other records do: nodes that sit in many routing tables
+        near a name could otherwise be all a reader asks). Only their
+        replicas count (this node's own storage only if it is one of them),
+        one vote each (see `claim_winner`). If any answer shows another
+        key's claim or a withdrawal (a race's leftovers, or a liar
+        somewhere), or with `everywhere`, the read waits for each of the
+        `ksize` closest nodes even when slow, so that two claimers of one
         name, each reading once both writes landed, count the same votes
-        and agree on who won. Otherwise the read stops at the read quorum,
-        unless any answer shows another key's claim or a withdrawal (a
-        race's leftovers, or a liar somewhere): then it reads everywhere.
+        and agree on who won.
         """
         key = claim_key(username)
         node = self._started()
-        quorum = node.ksize if everywhere else self.read_quorum
-        replicas = await node.read(key, quorum, patient=everywhere)
+        replicas = await node.read(key, node.ksize, patient=everywhere)
         held = [(r.close, r.value.claim) for r in replicas if r.value and r.value.claim]
         winner, contested = claim_winner([claim for close, claim in held if close])
         if not everywhere and (contested or _disagree([c for _, c in held])):

@@ -154,9 +154,10 @@ async def test_a_request_from_an_unproven_address_gets_at_most_three_times_its_s
 ) -> None:
     """Requests from a new node id at an address that never proved it can
     receive (pings in both protocol versions, lookups, a read of a held
-    value) get at most three bytes back for each byte sent: no values are
-    handed to it, and answers are cut to fit."""
-    nodes = await network(3)
+    value) get at most three bytes back for each byte sent, the node's
+    pings to check the address (sent twice when unanswered) included: no
+    values are handed to it, and answers are cut to fit."""
+    nodes = await network(3, rpc_timeout=0.4)  # its pings resent within 0.2 s
     target = nodes[0]
     storage = target._started().storage
     claims = []
@@ -174,11 +175,48 @@ async def test_a_request_from_an_unproven_address_gets_at_most_three_times_its_s
         client.send(target.address, "find_node", [me, me, b""])
         client.send(target.address, "find_value", [me, claim_key("u1"), bytes(8)])
         client.send(target.address, "find_value", [me, claim_key("u2")])
-        await quiet(lambda: client.endpoint.received_bytes)
+        await quiet(lambda: client.endpoint.received_bytes, silence=0.6)
         sent, received = client.endpoint.sent_bytes, client.endpoint.received_bytes
     finally:
         client.close()
     assert received > 0  # it did answer
+    assert received <= 3 * sent, (sent, received)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        ["ping", []],
+        ["ping", [b""]],
+        ["find_node", [bytes(20)]],
+        ["find_node", [bytes(20), b""]],
+        ["find_value", [claim_key("u0")]],
+        ["find_value", [claim_key("u0"), bytes(8)]],
+        ["store", [claim_key("u0"), b"\xa0" * 40, b""]],
+    ],
+    ids=lambda r: f"{r[0]}-{len(r[1])}",
+)
+async def test_each_first_request_from_an_unproven_address_is_answered_within_3x(
+    network: NetworkFactory, request_: list[Any]
+) -> None:
+    """Each kind of request, alone, from a fresh address and node id (in
+    both protocol versions, with or without a bogus token), makes the node
+    send that address at most three times its size, counting the pings it
+    sends to check the address and their retransmission."""
+    nodes = await network(3, rpc_timeout=0.4)
+    target = nodes[0]
+    owner = pt.Identity.generate()
+    held = RegistryValue(claim=pt.UsernameClaim.create(owner, "u0", SEALED))
+    target._started().storage.offer(claim_key("u0"), CBOR.encode(held))
+    client = await RawClient.open()
+    try:
+        name, args = request_
+        client.send(target.address, name, [client.node_id, *args])
+        await quiet(lambda: client.endpoint.received_bytes, silence=0.6)
+        sent, received = client.endpoint.sent_bytes, client.endpoint.received_bytes
+    finally:
+        client.close()
+    assert received > 0
     assert received <= 3 * sent, (sent, received)
 
 
