@@ -90,7 +90,6 @@ from hostile import dht, push, tcp
 import p2ptimeline as pt
 from p2ptimeline._records import (
     RegistryValue,
-    SetShard,
     claim_key,
     presence_key,
     shard_key,
@@ -394,35 +393,6 @@ async def poll(condition: Callable[[], Awaitable[bool]], within: float) -> bool:
                 return True
         await asyncio.sleep(0.2)
     return False
-
-
-async def quiet(count: Callable[[], int], *, silence: float, within: float) -> None:
-    """Wait until `count()` stops growing for `silence` seconds (datagrams
-    may still be on their way: nothing announces the end), or `within`."""
-    deadline = time.monotonic() + within
-    last = -1
-    while (now := count()) != last and time.monotonic() < deadline:
-        last = now
-        await asyncio.sleep(silence)
-
-
-async def rpcs(node: Any, job: Callable[[], Awaitable[Any]]) -> tuple[Any, int, float]:
-    """Run `job`; its result, the requests `node` sent meanwhile, seconds."""
-    protocol = node._started().protocol
-    honest = protocol.call
-    calls = 0
-
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return await honest(*args, **kwargs)
-
-    protocol.call = counting
-    started = time.perf_counter()
-    try:
-        return await job(), calls, time.perf_counter() - started
-    finally:
-        protocol.call = honest
 
 
 def rss_mib() -> float:
@@ -973,7 +943,7 @@ async def attack_reflection() -> Result:
         def received() -> int:
             return sum(e.received_bytes for e in clients.values())
 
-        await quiet(received, silence=2.5, within=30)
+        await dht.quiet(received, silence=2.5, within=30)
         ratios = {
             kind: (e.received_bytes / e.sent_bytes, e.received_bytes, e.sent_bytes)
             for kind, e in clients.items()
@@ -1276,7 +1246,7 @@ async def attack_stuffing() -> Result:
             await nodes[10 + i].claim_username(name, identity, SEALED)
             await nodes[10 + i].follow(name, "alice", identity)
         clean = nodes[20]
-        listed, clean_rpcs, clean_s = await rpcs(
+        listed, clean_rpcs, clean_s = await dht.count_requests(
             clean, lambda: clean.get_followers("alice")
         )
         assert listed == fans, listed
@@ -1298,12 +1268,12 @@ async def attack_stuffing() -> Result:
         reader = nodes[30]
         reads = []
         for _ in range(2):
-            listed, calls, seconds = await rpcs(
+            listed, calls, seconds = await dht.count_requests(
                 reader, lambda: reader.get_followers("alice")
             )
             reads.append((listed == fans, calls, seconds))
         sets = reader._started_sets()
-        _, shard_rpcs, _ = await rpcs(
+        _, shard_rpcs, _ = await dht.count_requests(
             reader, lambda: sets.read("followers", alice.public_key)
         )
     figures = [
@@ -1343,28 +1313,13 @@ async def attack_storage() -> Result:
         nodes = await network(stack)
         target = nodes[9]
         followers = [pt.Identity.generate() for _ in range(SHARD_MEMBERS)]
-        now = pt.HybridTimestamp(physical_ms=int(time.time() * 1000))
         shards: list[tuple[bytes, bytes]] = []
         while len(shards) < SHARDS:
             owner = os.urandom(32)
             key = shard_key("followers", owner, "")
             if target not in closest(nodes, key)[:KSIZE]:
                 continue  # a key this node would not be asked to hold
-            entries = tuple(
-                pt.FollowEntry.create(
-                    f,
-                    follower="f" * 32,
-                    followee="o" * 32,
-                    followee_key=owner,
-                    following=True,
-                    timestamp=now,
-                )
-                for f in followers
-            )
-            shard = SetShard(
-                relation="followers", owner_key=owner, prefix="", entries=entries
-            )
-            shards.append((key, serializer.encode(RegistryValue(shard=shard))))
+            shards.append((key, serializer.encode(dht.shard_of(owner, followers))))
         client = await dht.RawClient.open()
         stack.callback(client.close)
         await speaks_plain(client, [target.address])

@@ -20,6 +20,11 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 NetworkFactory = Callable[..., Awaitable[list[pt.DhtRegistry]]]
+PeerFactory = Callable[..., Awaitable[list[pt.Peer]]]
+
+FAST = pt.PeerConfig(seal_cost=10, ksize=8, lease=30.0, pull_interval=3600.0)
+"""Peers for tests: cheap sealing (Argon2id at 1 MiB), small DHT buckets, no
+periodic pull getting in the way."""
 
 
 @pytest.fixture
@@ -46,3 +51,29 @@ async def network() -> AsyncIterator[NetworkFactory]:
 
     yield start
     await asyncio.gather(*(node.stop() for node in started))
+
+
+@pytest.fixture
+async def peers() -> AsyncIterator[PeerFactory]:
+    """A factory of peers joined through one bootstrap node; all stopped at the end.
+
+    ``await peers(n, **options)`` starts `n` peers; options go to `Peer`
+    (`config` is `FAST`, and `clock` one without NTP servers, unless given).
+    """
+    boot = pt.DhtRegistry(ksize=8)
+    await boot.start("127.0.0.1", 0)
+    started: list[pt.Peer] = []
+
+    async def start(count: int, **options: object) -> list[pt.Peer]:
+        new = []
+        for _ in range(count):
+            chosen = {"config": FAST, "clock": pt.ClockSync(servers=[]), **options}
+            new.append(pt.Peer("127.0.0.1", 0, [boot.address], **chosen))  # type: ignore[arg-type]
+        for peer in new:
+            await peer.start()
+        started.extend(new)
+        return new
+
+    yield start
+    await asyncio.gather(*(peer.stop() for peer in started))
+    await boot.stop()

@@ -6,51 +6,26 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 from conftest import NetworkFactory
-from hostile.dht import LyingNode, RawClient, Sink, near
+from hostile.dht import (
+    LyingNode,
+    RawClient,
+    Sink,
+    count_requests,
+    near,
+    quiet,
+    shard_of,
+)
 
 import p2ptimeline as pt
-from p2ptimeline._records import RegistryValue, SetShard, claim_key, presence_key
+from p2ptimeline._records import RegistryValue, claim_key, presence_key
 from p2ptimeline.testing import eventually
 
 SEALED = b"sealed-key-placeholder"
 CBOR = pt.CborSerializer()
-
-
-async def quiet(
-    count: Callable[[], int], *, silence: float = 0.3, within: float = 5.0
-) -> None:
-    """Wait until `count()` stops growing for `silence` seconds (datagrams
-    still on their way: nothing announces that a node has done sending)."""
-    async with asyncio.timeout(within):
-        last = -1
-        while (now := count()) != last:
-            last = now
-            await asyncio.sleep(silence)
-
-
-async def rpcs(
-    node: pt.DhtRegistry, job: Callable[[], Awaitable[Any]]
-) -> tuple[Any, int]:
-    """Run `job` and count the requests `node` sends meanwhile."""
-    protocol = node._started().protocol
-    honest = protocol.call
-    calls = 0
-
-    async def counting(*args: Any, **kwargs: Any) -> Any:
-        nonlocal calls
-        calls += 1
-        return await honest(*args, **kwargs)
-
-    protocol.call = counting
-    try:
-        return await job(), calls
-    finally:
-        protocol.call = honest
 
 
 # 1. Forged "stale" store replies
@@ -175,7 +150,7 @@ async def test_a_request_from_an_unproven_address_gets_at_most_three_times_its_s
         client.send(target.address, "find_node", [me, me, b""])
         client.send(target.address, "find_value", [me, claim_key("u1"), bytes(8)])
         client.send(target.address, "find_value", [me, claim_key("u2")])
-        await quiet(lambda: client.endpoint.received_bytes, silence=0.6)
+        await quiet(lambda: client.endpoint.received_bytes, silence=0.6, within=5)
         sent, received = client.endpoint.sent_bytes, client.endpoint.received_bytes
     finally:
         client.close()
@@ -212,7 +187,7 @@ async def test_each_first_request_from_an_unproven_address_is_answered_within_3x
     try:
         name, args = request_
         client.send(target.address, name, [client.node_id, *args])
-        await quiet(lambda: client.endpoint.received_bytes, silence=0.6)
+        await quiet(lambda: client.endpoint.received_bytes, silence=0.6, within=5)
         sent, received = client.endpoint.sent_bytes, client.endpoint.received_bytes
     finally:
         client.close()
@@ -291,9 +266,13 @@ async def test_a_follow_set_stuffed_with_unregistered_names_costs_few_lookups(
     assert nodes[2]._sets is not None
     await nodes[2]._sets.add("followers", alice.public_key, ghosts)
     reader = nodes[5]
-    listed, first = await rpcs(reader, lambda: reader.get_followers("alice"))
+    listed, first, _ = await count_requests(
+        reader, lambda: reader.get_followers("alice")
+    )
     assert listed == frozenset()
-    listed, second = await rpcs(reader, lambda: reader.get_followers("alice"))
+    listed, second, _ = await count_requests(
+        reader, lambda: reader.get_followers("alice")
+    )
     assert listed == frozenset()
     # Reading the set's shards costs ~150 requests; a lookup per made-up
     # name, thousands.
@@ -302,26 +281,6 @@ async def test_a_follow_set_stuffed_with_unregistered_names_costs_few_lookups(
 
 
 # 8. One sender filling a node's storage
-
-
-def _shard(owner: bytes, followers: list[pt.Identity]) -> RegistryValue:
-    now = pt.HybridTimestamp(physical_ms=int(time.time() * 1000))
-    entries = tuple(
-        pt.FollowEntry.create(
-            f,
-            follower="f" * 32,
-            followee="o" * 32,
-            followee_key=owner,
-            following=True,
-            timestamp=now,
-        )
-        for f in followers
-    )
-    return RegistryValue(
-        shard=SetShard(
-            relation="followers", owner_key=owner, prefix="", entries=entries
-        )
-    )
 
 
 async def test_one_sender_fills_at_most_its_quota_of_a_nodes_storage() -> None:
@@ -336,7 +295,7 @@ async def test_one_sender_fills_at_most_its_quota_of_a_nodes_storage() -> None:
         await client.greet(node.address)
         stored = 0
         for _ in range(800):  # 800 shards of ~6.6 KB: 5.3 MB
-            value = _shard(os.urandom(32), followers)
+            value = shard_of(os.urandom(32), followers)
             key = _key_of(value)
             answer = await client.store(node.address, key, CBOR.encode(value))
             stored += _stored(answer)

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+from conftest import PeerFactory
 from test_examples import bootstrap_nodes, run
 
 import p2ptimeline as pt
 from p2ptimeline._identity import check_password
 
 FAST = 10  # seal cost for tests: Argon2id with 1 MiB
-CONFIG = pt.PeerConfig(seal_cost=FAST, ksize=8, pull_interval=3600.0)
 PASSWORD = "correct horse"
 NEW_PASSWORD = "battery staple"
 
@@ -36,36 +35,6 @@ V2_BLOB = (
     "a2343d1e2197be9049ef96680c047691e878f749f6ecd43730c9ec180f2faccb136e43325238"
     "fbc059f34bcdf255"
 )
-
-PeerFactory = Callable[[int], Awaitable[list[pt.Peer]]]
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[PeerFactory]:
-    """A factory of peers joined through one bootstrap node; all stopped at the end."""
-    boot = pt.DhtRegistry(ksize=8)
-    await boot.start("127.0.0.1", 0)
-    started: list[pt.Peer] = []
-
-    async def start(count: int) -> list[pt.Peer]:
-        new = [
-            pt.Peer(
-                "127.0.0.1",
-                0,
-                [boot.address],
-                clock=pt.ClockSync(servers=[]),
-                config=CONFIG,
-            )
-            for _ in range(count)
-        ]
-        for peer in new:
-            await peer.start()
-        started.extend(new)
-        return new
-
-    yield start
-    await asyncio.gather(*(peer.stop() for peer in started))
-    await boot.stop()
 
 
 # Keys and signatures

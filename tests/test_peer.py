@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import attrs
 import pytest
+from conftest import FAST, PeerFactory
 
 import p2ptimeline as pt
 from p2ptimeline._wire import (
@@ -22,47 +22,6 @@ from p2ptimeline._wire import (
     encode_frame,
 )
 from p2ptimeline.testing import NtpServer, crash, eventually
-
-FAST = pt.PeerConfig(seal_cost=10, ksize=8, lease=30.0, pull_interval=3600.0)
-PeerFactory = Callable[..., Awaitable[list[pt.Peer]]]
-
-
-@pytest.fixture
-async def peers() -> AsyncIterator[PeerFactory]:
-    """A factory of peers joined through one bootstrap node; all stopped at the end.
-
-    ``await peers(n, **options)`` starts `n` peers; options go to `Peer`.
-    """
-    boot = pt.DhtRegistry(ksize=8)
-    await boot.start("127.0.0.1", 0)
-    started: list[pt.Peer] = []
-
-    async def start(count: int, **options: object) -> list[pt.Peer]:
-        options = {"config": FAST, **options}
-        if "clock" not in options:
-            new = [
-                pt.Peer(
-                    "127.0.0.1",
-                    0,
-                    [boot.address],
-                    clock=pt.ClockSync(servers=[]),
-                    **options,  # type: ignore[arg-type]
-                )
-                for _ in range(count)
-            ]
-        else:
-            new = [
-                pt.Peer("127.0.0.1", 0, [boot.address], **options)  # type: ignore[arg-type]
-                for _ in range(count)
-            ]
-        for peer in new:
-            await peer.start()
-        started.extend(new)
-        return new
-
-    yield start
-    await asyncio.gather(*(peer.stop() for peer in started))
-    await boot.stop()
 
 
 async def holds(peer: pt.Peer, post: pt.Post) -> bool:

@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgpack
@@ -297,3 +298,59 @@ class Sink:
         for endpoint in self.endpoints:
             if endpoint.transport is not None:
                 endpoint.transport.close()
+
+
+async def quiet(count: Callable[[], int], *, silence: float, within: float) -> None:
+    """Wait until `count()` stops growing for `silence` seconds, or `within`
+    seconds pass (datagrams may still be on their way: nothing announces
+    that a node has done sending)."""
+    deadline = time.monotonic() + within
+    last = -1
+    while (now := count()) != last and time.monotonic() < deadline:
+        last = now
+        await asyncio.sleep(silence)
+
+
+async def count_requests(
+    node: Any, job: Callable[[], Awaitable[Any]]
+) -> tuple[Any, int, float]:
+    """Run `job`; its result, the DHT requests `node` (a `DhtRegistry`) sent
+    meanwhile, and the seconds it took."""
+    protocol = node._started().protocol
+    honest = protocol.call
+    calls = 0
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await honest(*args, **kwargs)
+
+    protocol.call = counting
+    started = time.perf_counter()
+    try:
+        return await job(), calls, time.perf_counter() - started
+    finally:
+        protocol.call = honest
+
+
+def shard_of(owner: bytes, followers: list[Any]) -> Any:
+    """A root shard of `owner`'s followers set holding one entry, validly
+    signed, per identity of `followers` (with the longest names: the
+    biggest value of its kind), as a `RegistryValue`."""
+    import p2ptimeline as pt
+    from p2ptimeline._records import RegistryValue, SetShard
+
+    now = pt.HybridTimestamp(physical_ms=int(time.time() * 1000))
+    entries = tuple(
+        pt.FollowEntry.create(
+            follower,
+            follower="f" * 32,
+            followee="o" * 32,
+            followee_key=owner,
+            following=True,
+            timestamp=now,
+        )
+        for follower in followers
+    )
+    shard = SetShard(relation="followers", owner_key=owner, prefix="", entries=entries)
+    return RegistryValue(shard=shard)
