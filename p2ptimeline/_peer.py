@@ -35,7 +35,15 @@ from ._errors import (
 from ._hlc import HybridLogicalClock
 from ._identity import DEFAULT_SEAL_COST, Identity, check_password
 from ._memory_store import MemoryStore
-from ._models import FollowEntry, HybridTimestamp, Post, Presence, check_username
+from ._models import (
+    MAX_POST_CHARS,
+    MAX_USERNAME_CHARS,
+    FollowEntry,
+    HybridTimestamp,
+    Post,
+    Presence,
+    check_username,
+)
 from ._ratelog import RateLimitedLog
 from ._registry import DhtRegistry
 from ._serializer import CborSerializer, Serializer
@@ -72,6 +80,7 @@ _PULL_SOURCES = 8  # followers tried as sources of an offline author's posts
 _PULL_MERGE = 3  # followers whose answers are merged when the author is offline
 _CONCURRENCY = 16
 _FORWARD_MEMORY = 10_000  # ids of posts remembered as forwarded
+_MAX_TIMELINE = 2**31 - 1  # a larger `timeline` limit is taken as this
 
 
 @attrs.frozen(kw_only=True)
@@ -378,7 +387,9 @@ class Peer:
         """Create a user: a new identity, a claim of the name, then log in.
 
         Args:
-            username: The name to claim.
+            username: The name to claim: 1 to 32 characters of lowercase
+                ASCII letters, digits, ``_``, ``.`` and ``-``, not starting
+                with ``.`` or ``-``.
             password: Seals the private key. Refused: an empty password, one
                 shorter than 8 characters, one made of the username, a
                 well-known one, a run or repetition of characters.
@@ -395,8 +406,7 @@ class Peer:
             RegistryUnavailable: No DHT node could be reached.
         """
         self._check_logged_out()
-        if not check_username(username):
-            raise UsageError(f"invalid username {username!r}")
+        _check_name(username)
         check_password(password, username)
         identity = Identity.generate()
         sealed = await asyncio.to_thread(
@@ -425,12 +435,12 @@ class Peer:
             UnknownUser: No such user.
             AuthError: Wrong password, or no sealed key to open: the user
                 publishes none and this peer's store holds none.
-            UsageError: A user is already logged in here.
+            UsageError: A user is already logged in here, or `username` is
+                not a valid username (the message says why).
             RegistryUnavailable: No DHT node could be reached.
         """
         self._check_logged_out()
-        if not check_username(username):
-            raise UsageError(f"invalid username {username!r}")
+        _check_name(username)
         record = await self.registry.get_user(username)
         if record is None:
             raise UnknownUser(f"no user {username!r}")
@@ -575,10 +585,12 @@ class Peer:
         Raises:
             UnknownUser: No such user.
             NotLoggedIn: Nobody is logged in.
-            UsageError: Following oneself.
+            UsageError: Following oneself, or `username` is not a valid
+                username (the message says why).
             RegistryUnavailable: No DHT node could be reached.
         """
         session = self._require_session()
+        _check_name(username)
         if username == session.username:
             raise UsageError("a user cannot follow themselves")
         entry = await self.registry.follow(session.username, username, session.identity)
@@ -592,6 +604,7 @@ class Peer:
     async def unfollow(self, username: str) -> None:
         """Stop following `username`. See `follow`."""
         session = self._require_session()
+        _check_name(username)
         entry = await self.registry.unfollow(
             session.username, username, session.identity
         )
@@ -664,11 +677,23 @@ class Peer:
     async def post(self, text: str) -> Post:
         """Publish a post to the user's followers; returns it once stored here.
 
+        Args:
+            text: The post: at most `MAX_POST_CHARS` (1,000) characters, and
+                not empty or only whitespace.
+
         Raises:
             NotLoggedIn: Nobody is logged in.
-            UsageError: The text is too long.
+            UsageError: The text is empty (or only whitespace) or too long.
         """
         session = self._require_session()
+        if isinstance(text, str) and not text.strip():
+            empty = "only whitespace" if text else "empty"
+            raise UsageError(f"a post needs some text: this one is {empty}")
+        if isinstance(text, str) and len(text) > MAX_POST_CHARS:
+            raise UsageError(
+                f"a post is at most {MAX_POST_CHARS:,} characters; "
+                f"this one has {len(text):,}"
+            )
         try:
             post = Post.create(
                 session.identity, session.username, text, self._hlc.now()
@@ -684,14 +709,20 @@ class Peer:
         """The user's and their followees' posts, newest first.
 
         Args:
-            limit: At most this many posts.
+            limit: At most this many posts: 0 gives none; a limit above
+                2**31 - 1 is taken as 2**31 - 1 (all a store holds, in
+                practice).
             before: Continue after this post (the last one of a previous page).
 
         Raises:
             NotLoggedIn: Nobody is logged in.
+            UsageError: `limit` is negative.
         """
         session = self._require_session()
+        if limit < 0:
+            raise UsageError(f"a timeline limit is 0 or more, not {limit}")
         authors = session.following | {session.username}
+        limit = min(limit, _MAX_TIMELINE)
         return await self._store.timeline(authors, limit=limit, before=before)
 
     def incoming(self) -> AsyncIterator[Post]:
@@ -766,8 +797,8 @@ class Peer:
         except (NetworkError, RemoteError) as exc:
             log.info("could not find holders of %s's posts: %s", author, exc)
             return new
-        if not holders:
-            log.warning("no online source of %s's posts to catch up from", author)
+        if not holders:  # the author and its followers offline: normal
+            log.info("no online source of %s's posts to catch up from", author)
         answered = 0
         for address in holders:
             got, complete = await self._pull_from(address, author, key, since)
@@ -1284,6 +1315,22 @@ class Peer:
         task = asyncio.ensure_future(coro)
         session.tasks.add(task)
         task.add_done_callback(_forget(session.tasks))
+
+
+def _check_name(username: str) -> None:
+    """Refuse `username` with a `UsageError` that says the rule, unless valid."""
+    if check_username(username):
+        return
+    shown = repr(username)
+    if len(shown) > 40:
+        shown = f"{shown[:36]}..."
+    if isinstance(username, str) and check_username(username.lower()):
+        shown += " (usernames are lowercase)"
+    raise UsageError(
+        f"invalid username {shown}: a username is 1 to "
+        f"{MAX_USERNAME_CHARS} characters of a-z, 0-9, '_', '.' and '-', "
+        "not starting with '.' or '-'"
+    )
 
 
 def _name(member: TreeMember) -> str:

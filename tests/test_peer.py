@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from pathlib import Path
@@ -520,3 +521,72 @@ async def test_posts_stamped_far_in_the_future_are_refused(peers: PeerFactory) -
     now = await star.post("on time")
     await eventually(lambda: holds(fan, now))
     assert not await holds(fan, future)
+
+
+async def test_timeline_limits(peers: PeerFactory, tmp_path: Path) -> None:
+    """limit 0 gives [], a negative one is UsageError, a huge one all (both stores)."""
+    memory, sqlite = await peers(1) + await peers(1, data_dir=tmp_path / "peer")
+    for peer, name in [(memory, "alice"), (sqlite, "bob")]:
+        await peer.register(name, "correct horse")
+        posts = [await peer.post(f"post {i}") for i in range(3)]
+        assert await peer.timeline(limit=0) == []
+        with pytest.raises(pt.UsageError, match="0 or more"):
+            await peer.timeline(limit=-1)
+        huge = await peer.timeline(limit=99999999999999999999)
+        assert [p.id for p in huge] == [p.id for p in reversed(posts)]
+        assert len(await peer.timeline(limit=2)) == 2
+
+
+async def test_invalid_usernames_are_refused_with_the_rule(peers: PeerFactory) -> None:
+    """register, login, follow and unfollow of an invalid name say the rule."""
+    (peer,) = await peers(1)
+    rule = r"1 to 32 characters of a-z, 0-9, '_', '\.' and '-', not starting with"
+    with pytest.raises(
+        pt.UsageError, match=rf"'Bob' \(usernames are lowercase\): .*{rule}"
+    ):
+        await peer.register("Bob", "correct horse")
+    with pytest.raises(pt.UsageError, match=rf"'\.bob': a username is {rule}"):
+        await peer.login(".bob", "correct horse")
+    await peer.register("alice", "correct horse")
+    for call in (peer.follow, peer.unfollow):
+        with pytest.raises(
+            pt.UsageError, match=rf"'Bob' \(usernames are lowercase\).*{rule}"
+        ):
+            await call("Bob")
+    with pytest.raises(pt.UsageError, match=rf"'x{{35}}\.\.\.: .*{rule}"):
+        await peer.follow("x" * 1000)
+
+
+async def test_post_text_must_be_neither_empty_nor_too_long(peers: PeerFactory) -> None:
+    """post() refuses empty, whitespace-only and over-long texts, saying why."""
+    (peer,) = await peers(1)
+    await peer.register("alice", "correct horse")
+    for text, reason in [("", "empty"), (" \n\t ", "only whitespace")]:
+        with pytest.raises(
+            pt.UsageError, match=f"needs some text: this one is {reason}"
+        ):
+            await peer.post(text)
+    with pytest.raises(pt.UsageError) as refused:
+        await peer.post("x" * 1200)
+    assert (
+        str(refused.value) == "a post is at most 1,000 characters; this one has 1,200"
+    )
+    longest = await peer.post("x" * pt.MAX_POST_CHARS)
+    assert [p.id for p in await peer.timeline()] == [longest.id]
+
+
+async def test_no_source_to_pull_from_is_not_a_warning(
+    peers: PeerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An offline followee with no online follower is an INFO line, not a WARNING."""
+    alice, bob = await peers(2)
+    await alice.register("alice", "correct horse")
+    await bob.register("bob", "correct horse")
+    await bob.follow("alice")
+    await alice.logout()
+    caplog.set_level(logging.INFO, logger="p2ptimeline")
+    assert await bob.sync() == 0
+    lines = [r for r in caplog.records if "no online source of alice" in r.message]
+    assert lines
+    assert {r.levelno for r in lines} == {logging.INFO}
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
