@@ -24,7 +24,7 @@ from ._errors import (
     UsernameTaken,
 )
 from ._hlc import HybridLogicalClock
-from ._identity import Identity, verify
+from ._identity import Identity, check_password, verify
 from ._memory_store import MemoryStore
 from ._models import (
     MAX_POST_CHARS,
@@ -87,6 +87,7 @@ __all__ = [
     "UserRecord",
     "UsernameClaim",
     "UsernameTaken",
+    "check_password",
     "check_username",
     "verify",
 ]

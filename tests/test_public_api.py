@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import re
 import types
+from pathlib import Path
+
+import pytest
 
 import p2ptimeline as pt
 
@@ -29,6 +33,16 @@ def test_public_objects_are_documented() -> None:
             assert inspect.getdoc(value), name
 
 
+def test_check_password_is_public() -> None:
+    """check_password lets an application judge a new password before using it."""
+    with pytest.raises(pt.UsageError, match="too short"):
+        pt.check_password("abc", "alice")
+    with pytest.raises(pt.UsageError, match="username"):
+        pt.check_password("alice-alice", "alice")
+    pt.check_password("correct horse battery", "alice")
+    assert "Raises:" in (inspect.getdoc(pt.check_password) or "")
+
+
 def test_error_tree() -> None:
     """Every exception derives from P2PTimelineError, as drawn in the errors module."""
     errors = [
@@ -46,6 +60,21 @@ def test_error_tree() -> None:
     assert doc is not None
     for error in errors:
         assert error.__name__ in doc, error.__name__
+
+
+def test_logger_names_are_the_documented_ones() -> None:
+    """The loggers docs/operations.md lists are exactly those the package logs to."""
+    package = Path(pt.__file__).parent
+    used = {
+        name
+        for module in package.glob("*.py")
+        for name in re.findall(r"getLogger\(\"([^\"]+)\"\)", module.read_text())
+    }
+    operations = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
+    listed = set(
+        re.findall(r"(?m)^\| `(p2ptimeline[\w.]*)` \|", operations.read_text())
+    )
+    assert used == listed
 
 
 def test_version_is_defined_once() -> None:
