@@ -287,6 +287,13 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         replicas.sort(key=lambda r: r.distance)
         return replicas
 
+    def keep_if_close(self, key: bytes, value: RegistryValue) -> None:
+        """Offer `value` to this node's own storage if the last lookup of
+        `key` found this node among the `ksize` closest to it."""
+        cached = self._lookups.get(key)
+        if cached is None or self._is_close(key, cached[1]):
+            self.storage.offer_value(key, value)
+
     def _is_close(self, key: bytes, found: LookupResult) -> bool:
         """Whether this node is among the `ksize` closest to `key`."""
         if len(found.closest) < self.ksize:
@@ -296,7 +303,12 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         return bool(self.node.long_id ^ target < farthest)
 
     async def write(
-        self, key: bytes, value: RegistryValue, *, patient: bool = False
+        self,
+        key: bytes,
+        value: RegistryValue,
+        *,
+        patient: bool = False,
+        local: bool = True,
     ) -> list[tuple[Node | None, StoreReply | None]]:
         """Store `value` on the nodes closest to `key` (and here, if close).
 
@@ -304,25 +316,27 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         node's own storage). Slow nodes are not waited for (see
         `settle`) unless `patient`: then every node's reply, or its timeout,
         is awaited, for writes whose outcome depends on every reply (a claim
-        must hear the nodes that hold a taken name).
+        must hear the nodes that hold a taken name). Unless `local`, this
+        node's own storage is left alone (a claimer keeps its claim out of
+        it until it won: its own copy must not vote for it).
 
         Raises:
             RegistryUnavailable: No other node is known, or none answered.
         """
         await self.ensure_joined()
         raw = self.serializer.encode(value)
-        replies = await self._store_everywhere(key, raw, patient=patient)
+        replies = await self._store_everywhere(key, raw, patient=patient, local=local)
         if not any(reply for node, reply in replies if node is not None):
             raise RegistryUnavailable("no DHT node answered the write")
         return replies
 
     async def _store_everywhere(
-        self, key: bytes, raw: bytes, *, patient: bool = False
+        self, key: bytes, raw: bytes, *, patient: bool = False, local: bool = True
     ) -> list[tuple[Node | None, StoreReply | None]]:
         found = await self._closest_nodes(key, patient=patient)
         nodes = found.closest
         replies: list[tuple[Node | None, StoreReply | None]] = []
-        if self._is_close(key, found):
+        if local and self._is_close(key, found):
             replies.append((None, self._local_reply(key, self.storage.offer(key, raw))))
         calls = [
             asyncio.ensure_future(self.protocol.call_store(n, key, raw)) for n in nodes

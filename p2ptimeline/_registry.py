@@ -256,7 +256,11 @@ class DhtRegistry:
         seq = self._next_seq(key)
         for _ in range(_MAX_WRITE_ROUNDS):
             claim = UsernameClaim.create(identity, username, sealed_key, seq=seq)
-            replies = await node.write(key, RegistryValue(claim=claim), patient=True)
+            # Not into this node's own storage yet: if another key holds the
+            # name, our own copy would be one vote for us in the decision.
+            replies = await node.write(
+                key, RegistryValue(claim=claim), patient=True, local=False
+            )
             outcomes = [reply for _, reply in replies if reply is not None]
             if any(_rival_claim(r, identity) for r in outcomes):
                 # Held by another key, or claimed by someone else at this
@@ -272,6 +276,7 @@ class DhtRegistry:
             if newer is None:
                 break
             seq = self._next_seq(key, past=newer)  # our own later claim: pass it
+        node.keep_if_close(key, RegistryValue(claim=claim))
         self._remember(claim)
         return claim
 

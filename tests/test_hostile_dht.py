@@ -345,3 +345,27 @@ def _stored(answer: Any) -> int:
     if isinstance(answer, list) and answer:
         return int(answer[0] == "stored")
     return 0
+
+
+async def test_a_taken_name_cannot_be_claimed_through_a_nodes_own_vote(
+    network: NetworkFactory,
+) -> None:
+    """In a network as small as one bootstrap node, a newcomer claiming a
+    name the bootstrap node holds for someone else gets UsernameTaken every
+    time: its own storage, which alone would side with it, holds no copy of
+    its claim while the race is decided, so it cannot tie the vote."""
+    (boot,) = await network(1, rpc_timeout=0.5)  # stopped nodes stay its contacts
+    owner = pt.Identity.generate()
+    first = pt.DhtRegistry(ksize=8, rpc_timeout=0.5)
+    await first.start("127.0.0.1", 0, bootstrap=[boot.address])
+    await first.claim_username("alice", owner, SEALED)
+    await first.stop()
+    for _ in range(4):  # the vote was lost 18 times in 20 before
+        impostor = pt.DhtRegistry(ksize=8, rpc_timeout=0.5)
+        await impostor.start("127.0.0.1", 0, bootstrap=[boot.address])
+        try:
+            with pytest.raises(pt.UsernameTaken):
+                await impostor.claim_username("alice", pt.Identity.generate(), SEALED)
+            assert await impostor.get_public_key("alice") == owner.public_key
+        finally:
+            await impostor.stop()
