@@ -181,6 +181,21 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         )
         return found
 
+    async def greet(self, addrs: Iterable[tuple[str, int]]) -> None:
+        """Make sure the nodes at `addrs` know this one: ping each (which
+        gives a token), then ask it for the nodes closest to this node's
+        id, a request that proves this node's address, so that the node
+        asked pings back and takes it in."""
+
+        async def one(addr: tuple[str, int]) -> None:
+            node_id = await self.protocol.ping_address(addr)
+            if node_id is not None:
+                await self.protocol.call_find(
+                    Node(node_id, addr[0], addr[1]), self.node.id, value=False
+                )
+
+        await asyncio.gather(*(one(addr) for addr in addrs))
+
     async def bootstrap_node(self, addr: tuple[str, int]) -> Node | None:
         node_id = await self.protocol.ping_address(addr)
         return None if node_id is None else Node(node_id, addr[0], addr[1])

@@ -100,6 +100,9 @@ class DhtRegistry:
             dead contact each time.
         max_storage: Most bytes of other users' records this node keeps
             (see `docs/security.md`: one sender may fill a sixteenth).
+        rejoin_interval: Seconds between greetings of the bootstrap nodes,
+            so that one that restarted (and knows nobody) learns of this
+            node, and the nodes joining through it find the network.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class DhtRegistry:
         serializer: Serializer | None = None,
         node_id: bytes | None = None,
         max_storage: int = DEFAULT_MAX_BYTES,
+        rejoin_interval: float = 120.0,
     ) -> None:
         if ksize < 1 or alpha < 1:
             raise UsageError("ksize and alpha must be positive")
@@ -121,6 +125,7 @@ class DhtRegistry:
             raise UsageError("a node id is 20 bytes")
         self._node_id = node_id
         self._max_storage = max_storage
+        self.rejoin_interval = rejoin_interval
         self.ksize = ksize
         self.alpha = alpha
         self.read_quorum = min(ksize, read_quorum or max(alpha, ksize // 4))
@@ -648,12 +653,18 @@ class DhtRegistry:
     async def _maintain(self, node: DhtNode) -> None:
         """Rejoin when cut off; drop contacts that left; refresh buckets and
         republish hourly."""
-        last_refresh = last_check = time.monotonic()
+        last_refresh = last_check = last_greeting = time.monotonic()
         while True:
             await asyncio.sleep(_REBOOTSTRAP_INTERVAL)
             try:
                 if self._bootstrap and not node.has_neighbors():
                     await node.bootstrap(self._bootstrap)
+                elif time.monotonic() - last_greeting > self.rejoin_interval:
+                    # A bootstrap node that restarted knows nobody: without
+                    # this, the nodes joining through it make a network of
+                    # their own, apart from this one.
+                    last_greeting = time.monotonic()
+                    await node.greet(self._bootstrap)
                 if time.monotonic() - last_check > _CONTACT_CHECK_INTERVAL:
                     last_check = time.monotonic()
                     await node.check_contacts()

@@ -602,3 +602,30 @@ async def test_ten_thousand_followers_are_stored_and_listed(
     await nodes[2]._sets.add("followers", star.public_key, entries)
     followers = await nodes[6].get_followers("star")
     assert followers == {f"fan{i}" for i in range(len(fans))}
+
+
+async def test_a_restarted_bootstrap_node_rejoins_the_network_it_served() -> None:
+    """A bootstrap node that restarts knows nobody; the nodes that joined
+    through it greet it again (every `rejoin_interval`), so that a newcomer
+    joining through it finds the network and its records, instead of a
+    network of its own."""
+    boot = pt.DhtRegistry(ksize=8)
+    await boot.start("127.0.0.1", 0)
+    address = boot.address
+    nodes = []
+    try:
+        for _ in range(4):
+            node = pt.DhtRegistry(ksize=8, rejoin_interval=0.2)
+            await node.start("127.0.0.1", 0, bootstrap=[address])
+            nodes.append(node)
+        alice = await register(nodes[0], "alice")
+        await boot.stop()
+        boot = pt.DhtRegistry(ksize=8)
+        await boot.start(*address)  # the same address, a fresh state
+        await eventually(lambda: len(boot.neighbors()) >= 2, within=10)
+        newcomer = pt.DhtRegistry(ksize=8)
+        await newcomer.start("127.0.0.1", 0, bootstrap=[address])
+        nodes.append(newcomer)
+        assert await newcomer.get_public_key("alice") == alice.public_key
+    finally:
+        await asyncio.gather(boot.stop(), *(n.stop() for n in nodes))
