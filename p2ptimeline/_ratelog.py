@@ -4,7 +4,8 @@ A hostile peer can make us refuse, drop or close as often as it likes. Each
 of those deserves a line in the log, but not thousands a second, and never a
 traceback per frame. `RateLimitedLog` emits the first message of each kind
 in an interval and counts the others; the count is told with the next
-message of that kind that is emitted. Pure bookkeeping: no asyncio, and the
+message of that kind that is emitted. A message is cut at `MAX_LINE`
+characters. Pure bookkeeping: no asyncio, and the
 clock is a parameter.
 """
 
@@ -14,7 +15,11 @@ import logging
 import time
 from collections.abc import Callable
 
-__all__ = ["RateLimitedLog"]
+__all__ = ["MAX_LINE", "RateLimitedLog"]
+
+MAX_LINE = 300
+"""Most characters of a message kept: the rest is cut (remote data in a
+message, such as an error's text, is bounded by what its sender sent)."""
 
 
 class RateLimitedLog:
@@ -80,9 +85,11 @@ class RateLimitedLog:
             self._suppressed[key] = self._suppressed.get(key, 0) + 1
             return
         self._next[key] = now + self.interval
+        text = msg % args if args else msg
+        if len(text) > MAX_LINE:  # remote data in it (an error's text, a name)
+            text = f"{text[:MAX_LINE]}... ({len(text):,} characters)"
         dropped = self._suppressed.pop(key, 0)
         if dropped:
-            msg += " (%d more like it suppressed)"
-            args = (*args, dropped)
+            text += f" ({dropped} more like it suppressed)"
         # stacklevel 3: the record names the caller of info(), not this module.
-        self.logger.log(level, msg, *args, exc_info=exc_info, stacklevel=3)
+        self.logger.log(level, "%s", text, exc_info=exc_info, stacklevel=3)

@@ -507,6 +507,25 @@ async def test_a_flood_of_bad_connections_logs_a_few_lines(
     assert len(lines) <= 3
 
 
+async def test_a_huge_bad_frame_makes_one_short_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A frame of almost 1 MiB whose one field name is the whole frame (so
+    that the decoder's error quotes it) closes the connection with a log
+    line of a few hundred characters, not a megabyte."""
+    import cbor2
+
+    caplog.set_level(logging.DEBUG, logger="p2ptimeline")
+    async with serving(acks) as address:
+        body = cbor2.dumps({"x" * 1_000_000: 1})
+        client = await RawClient.connect(address)
+        client.send_bytes(len(body).to_bytes(4, "big") + body)
+        assert await client.closed_by_peer(within=5)
+        client.close()
+    assert caplog.records
+    assert max(len(r.getMessage()) for r in caplog.records) < 500
+
+
 def test_rate_limited_log_counts_what_it_suppresses(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -369,3 +369,20 @@ async def test_a_taken_name_cannot_be_claimed_through_a_nodes_own_vote(
             assert await impostor.get_public_key("alice") == owner.public_key
         finally:
             await impostor.stop()
+
+
+async def test_a_huge_bad_datagram_makes_one_short_log_line(
+    network: NetworkFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An 8 KB datagram that does not decode (its bytes would be quoted in
+    the error) is dropped with a log line of a few hundred characters."""
+    import logging
+    import socket
+
+    caplog.set_level(logging.DEBUG, logger="p2ptimeline")
+    (node,) = await network(1)
+    garbage = b"\x00" + bytes(20) + b"\x91\xc0" + os.urandom(8000)  # trailing bytes
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.sendto(garbage, node.address)
+    await eventually(lambda: any("dropped" in r.getMessage() for r in caplog.records))
+    assert max(len(r.getMessage()) for r in caplog.records) < 500
