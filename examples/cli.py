@@ -64,6 +64,11 @@ commands:
 
 TIMELINE_DEFAULT = 20
 SUGGEST_DEFAULT = 10
+NAME_RULE = (
+    f"a username is 1 to {pt.MAX_USERNAME_CHARS} characters of a-z, 0-9, "
+    "'_', '.' and '-', not starting with '.' or '-'"
+)
+LEAVE_HINT = "(type quit or press Ctrl-D to leave)"
 
 
 class CommandError(Exception):
@@ -114,6 +119,14 @@ def describe(exc: pt.P2PTimelineError) -> str:
     if isinstance(exc, pt.StoreError):
         return f"the local store failed: {exc}"
     return str(exc)
+
+
+def check_name(name: str) -> str:
+    """`name`, if it is a valid username; else a `CommandError` saying why."""
+    if pt.check_username(name):
+        return name
+    lower = " (usernames are lowercase)" if pt.check_username(name.lower()) else ""
+    raise CommandError(f"invalid username {clean(name)!r}{lower}: {NAME_RULE}")
 
 
 @contextlib.contextmanager
@@ -598,7 +611,9 @@ class Shell:
         return False
 
     async def register(self, args: list[str], line: str) -> None:
-        name, password = await self._credentials(line, "register NAME", confirm=True)
+        name, password = await self._credentials(
+            line, "register NAME", self._can_register, confirm=True
+        )
         try:
             await self.peer.register(name, password)
         except pt.UsernameTaken as exc:
@@ -606,7 +621,9 @@ class Shell:
         self.console.out(f"registered and logged in as {name}")
 
     async def login(self, args: list[str], line: str) -> None:
-        name, password = await self._credentials(line, "login NAME", confirm=False)
+        name, password = await self._credentials(
+            line, "login NAME", self._can_log_in, confirm=False
+        )
         with about(name):
             try:
                 await self.peer.login(name, password)
@@ -627,27 +644,39 @@ class Shell:
         # even if the command is wrong, so that they are never run (nor shown).
         current = await self.console.password("current password: ")
         new = await self.console.password("new password: ")
-        if self.console.interactive and new != await self.console.password(
-            "same new password again: "
-        ):
-            raise CommandError("the passwords differ")
+        if self.console.interactive:
+            pt.check_password(new, self.peer.username or "")
+            if new != await self.console.password("same new password again: "):
+                raise CommandError("the passwords differ")
         _arguments(args, 0, 0, "passwd (the passwords on the next two lines)")
         try:
             await self.peer.change_password(current, new)
         except pt.AuthError as exc:
             raise CommandError(str(exc)) from exc
         self.console.out(
-            "password changed (a copy of the old sealed key, taken before, "
-            "still opens with the old password)"
+            "password changed. Note: anyone who copied your old sealed key "
+            "can still open it with the old password; if that password may be "
+            "known, register a new account"
         )
 
     async def _credentials(
-        self, line: str, usage: str, *, confirm: bool
+        self,
+        line: str,
+        usage: str,
+        check: Callable[[str], Awaitable[None]],
+        *,
+        confirm: bool,
     ) -> tuple[str, str]:
         """The name on `line` and the password: the rest of the line in a -c
-        script, else asked for (a terminal) or the next line (stdin)."""
+        script, else asked for (a terminal) or the next line (stdin).
+
+        `check(name)` raises if the command cannot succeed whatever the
+        password (on a terminal, before the password is asked for). With
+        `confirm`, a new password is judged, then asked for again.
+        """
         args = line.split(maxsplit=2)[1:]
         if self.script and len(args) == 2:
+            await check(args[0])
             return args[0], args[1].strip()
         if not self.console.interactive:
             # The next line is the password: read it even if the command is
@@ -657,22 +686,42 @@ class Shell:
                 raise CommandError(f"usage: {usage} (the password on the next line)")
             if not password:
                 raise CommandError("empty password")
+            await check(args[0])
             return args[0], password
         if len(args) == 2:
             raise CommandError(f"usage: {usage}, then type the password when asked")
         if len(args) != 1:
             raise CommandError(f"usage: {usage}")
         name = args[0]
-        if not pt.check_username(name):
-            raise CommandError(f"invalid username {clean(name)!r}")
+        await check(name)
         password = await self.console.password(f"password for {name}: ")
         if not password:
             raise CommandError("empty password")
-        if confirm and await self.console.password("same password again: ") != (
-            password
-        ):
-            raise CommandError("the passwords differ")
+        if confirm:
+            pt.check_password(password, name)
+            if await self.console.password("same password again: ") != password:
+                raise CommandError("the passwords differ")
         return name, password
+
+    async def _can_register(self, name: str) -> None:
+        """Raise unless `name` may be registered here now: nobody logged in,
+        a valid name, and free as far as the registry knows."""
+        self._check_logged_out()
+        check_name(name)
+        if await self.peer.registry.get_user(name) is not None:
+            raise CommandError(f"the name {name!r} is taken")
+
+    async def _can_log_in(self, name: str) -> None:
+        """Raise unless `name` may log in here now: nobody logged in, and a
+        registered user."""
+        self._check_logged_out()
+        check_name(name)
+        if await self.peer.registry.get_user(name) is None:
+            raise CommandError(f"unknown user {name!r}")
+
+    def _check_logged_out(self) -> None:
+        if self.peer.username is not None:
+            raise CommandError(f"{self.peer.username} is logged in: log out first")
 
     async def logout(self, args: list[str], line: str) -> None:
         _arguments(args, 0, 0, "logout")
@@ -744,7 +793,7 @@ class Shell:
     def _user(self, args: list[str], usage: str) -> str:
         _arguments(args, 0, 1, usage)
         if args:
-            return args[0]
+            return check_name(args[0])
         if self.peer.username is None:
             raise CommandError("not logged in: give a NAME, or log in")
         return self.peer.username
@@ -763,6 +812,7 @@ def _arguments(args: list[str], least: int, most: int, usage: str) -> list[str]:
 
 
 def _count(args: list[str], default: int, usage: str) -> int:
+    """The number N in `args` (at least 1; `default` if none)."""
     _arguments(args, 0, 1, usage)
     if not args:
         return default
@@ -771,7 +821,10 @@ def _count(args: list[str], default: int, usage: str) -> int:
     except ValueError:
         count = 0
     if count < 1:
-        raise CommandError(f"usage: {usage}, N a positive number")
+        raise CommandError(
+            f"N is a whole number from 1 up, not {clean(args[0][:40])!r} "
+            f"(usage: {usage})"
+        )
     return count
 
 
@@ -854,6 +907,7 @@ async def run_interactive(peer: pt.Peer, terminal: Terminal, signals: Signals) -
         f"p2ptimeline {pt.__version__}: peer on {host}:{port}. "
         "Type 'help' for the commands."
     )
+    hinted = False  # how to leave, told at the first Ctrl-C at the prompt
     try:
         while not (stopping or shell.quit):
             try:
@@ -861,6 +915,9 @@ async def run_interactive(peer: pt.Peer, terminal: Terminal, signals: Signals) -
             except EOFError:
                 break
             except Interrupted:
+                if not hinted:
+                    terminal.print_above(LEAVE_HINT)
+                    hinted = True
                 continue
             running = asyncio.create_task(shell.execute(line))
             await asyncio.wait([running])

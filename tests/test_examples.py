@@ -23,6 +23,10 @@ pytestmark = pytest.mark.slow
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 CHEAP = ["--seal-cost", "10"]  # scrypt at 2**10: registering takes milliseconds
 TIME = r"\[\d\d:\d\d:\d\d\]"
+NAME_RULE = (
+    "a username is 1 to 32 characters of a-z, 0-9, '_', '.' and '-', "
+    "not starting with '.' or '-'"
+)
 PIPE = asyncio.subprocess.PIPE
 
 
@@ -234,6 +238,45 @@ async def test_errors_are_one_line_and_exit_1(network: list[str]) -> None:
     assert (code, err) == (0, "")
 
 
+async def test_scripted_mistakes_are_explained(network: list[str]) -> None:
+    """Bad N, invalid names, long posts get a plain one-line reason; passwd explains."""
+    long_post = "x" * 1200
+    commands = [
+        "register dora correct horse",
+        "timeline 99999999999999999999",
+        "timeline x",
+        "timeline -3",
+        "follow Bob",
+        "followers Bob",
+        "unfollow .bob",
+        f"post {long_post}",
+        "passwd",
+    ]
+    code, out, err = await run(
+        *network,
+        "-c",
+        "; ".join(commands),
+        stdin="correct horse\nbattery staple horse\n",
+    )
+    assert code == 1
+    rule = NAME_RULE
+    assert err.splitlines() == [
+        "error: N is a whole number from 1 up, not 'x' (usage: timeline [N])",
+        "error: N is a whole number from 1 up, not '-3' (usage: timeline [N])",
+        f"error: invalid username 'Bob' (usernames are lowercase): {rule}",
+        f"error: invalid username 'Bob' (usernames are lowercase): {rule}",
+        f"error: invalid username '.bob': {rule}",
+        "error: a post is at most 1,000 characters; this one has 1,200",
+    ]
+    assert out.splitlines() == [
+        "registered and logged in as dora",
+        "(no posts yet)",
+        "password changed. Note: anyone who copied your old sealed key can still "
+        "open it with the old password; if that password may be known, register "
+        "a new account",
+    ]
+
+
 class Pty:
     """The master side of a pseudo-terminal, read in the background."""
 
@@ -310,7 +353,11 @@ async def test_interactive_prompt_on_a_terminal(network: list[str]) -> None:
 
         terminal.type("junk")
         await terminal.expect(r"bob> junk")
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signal.SIGINT)  # the first time, a hint
+        await terminal.expect(
+            r"\^C\r\n\(type quit or press Ctrl-D to leave\)\r\n\rbob> "
+        )
+        process.send_signal(signal.SIGINT)  # then the prompt only
         await terminal.expect(r"\^C\r\n\rbob> ")
         terminal.type("following\r")
         await terminal.expect(r"\r\nalice\r\n.*bob> ")
@@ -325,4 +372,67 @@ async def test_interactive_prompt_on_a_terminal(network: list[str]) -> None:
         terminal.close()
         await alice.quit()
     assert b"s3cret-pw" not in terminal.output
+    assert b"Traceback" not in terminal.output
+
+
+async def test_terminal_checks_before_asking_for_passwords(network: list[str]) -> None:
+    """On a terminal, what fails whatever the password fails before any prompt;
+    a weak new password is refused before it is asked for again."""
+    code, _, err = await run(*network, "-c", "register alice correct horse")
+    assert (code, err) == (0, "")
+    terminal = Pty()
+    process = await spawn(
+        "cli.py",
+        *CHEAP,
+        *network,
+        stdin=terminal.slave,
+        stdout=terminal.slave,
+        stderr=terminal.slave,
+        start_new_session=True,
+    )
+    os.close(terminal.slave)
+
+    async def refused(command: str, error: str, prompt: str) -> None:
+        """`command` fails with `error` (the start of it), and no password
+        is asked for."""
+        start = terminal.seen
+        terminal.type(f"{command}\r")
+        await terminal.expect(rf"error: {re.escape(error)}[^\r]*\r\n\r{prompt}")
+        assert "password" not in terminal.output.decode()[start : terminal.seen]
+
+    try:
+        await terminal.expect(r"Type 'help'.*\r> ")
+        await refused("login ghost", "unknown user 'ghost'", "> ")
+        await refused("register alice", "the name 'alice' is taken", "> ")
+        await refused("register Bob", "invalid username 'Bob' (usernames", "> ")
+        terminal.type("register bob\r")
+        await terminal.expect(r"password for bob: ")
+        terminal.type("bob\r")
+        found = await terminal.expect(r"error: the password is too short.*?\r> ")
+        assert "again" not in found.group(0)
+        terminal.type("register bob\r")
+        await terminal.expect(r"password for bob: ")
+        terminal.type("pass phrase of bob\r")
+        await terminal.expect(r"same password again: ")
+        terminal.type("pass phrase of bob\r")
+        await terminal.expect(r"registered and logged in as bob\r\n.*bob> ")
+        await refused("register carol", "bob is logged in: log out first", "bob> ")
+        await refused("login alice", "bob is logged in: log out first", "bob> ")
+
+        terminal.type("passwd\r")
+        await terminal.expect(r"current password: ")
+        terminal.type("pass phrase of bob\r")
+        await terminal.expect(r"new password: ")
+        terminal.type("bobbob\r")
+        found = await terminal.expect(r"error: the password is .*?\r\n\rbob> ")
+        assert "again" not in found.group(0)
+        terminal.type("quit\r")
+        await terminal.expect(r"bye")
+        assert await finish(process) == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await finish(process)
+        terminal.close()
+    assert b"pass phrase of bob" not in terminal.output
     assert b"Traceback" not in terminal.output
