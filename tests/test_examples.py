@@ -436,3 +436,32 @@ async def test_terminal_checks_before_asking_for_passwords(network: list[str]) -
         terminal.close()
     assert b"pass phrase of bob" not in terminal.output
     assert b"Traceback" not in terminal.output
+
+
+async def test_demo_tells_what_happens() -> None:
+    """demo.py announces each post before it shows up, and dave's catch-up from
+    alice's followers lists alice's posts only."""
+    process = await spawn("demo.py")
+    async with asyncio.timeout(60):
+        out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    announced: set[str] = set()
+    for line in lines:
+        said = re.search(r"\] (\w+) posts '(.*)'$", line)
+        if said:
+            announced.add(said.group(2))
+            continue
+        shown = re.search(rf"^ +{TIME} \w+: (.*)$", line) or re.search(
+            r"received it live: \w+: '(.*)'$", line
+        )
+        if shown:
+            assert shown.group(1) in announced, line
+    start = next(i for i, line in enumerate(lines) if "reach dave" in line)
+    listed = []
+    for line in lines[start + 1 :]:
+        if not line.startswith(" "):
+            break
+        listed.append(line)
+    assert len(listed) == 2, listed
+    assert all(re.search(rf"{TIME} alice: ", line) for line in listed), listed
