@@ -438,6 +438,29 @@ async def test_terminal_checks_before_asking_for_passwords(network: list[str]) -
     assert b"Traceback" not in terminal.output
 
 
+@pytest.mark.parametrize(
+    ("page", "printed"),
+    [
+        ("README.md", "alice hello, decentralized world\n"),
+        ("docs/index.md", "[('alice', 'hello, world')]\n"),
+    ],
+)
+async def test_first_programs_run_as_written(
+    page: str, printed: str, tmp_path: Path
+) -> None:
+    """The Python example of README.md and of docs/index.md runs on its own, quietly."""
+    text = (EXAMPLES.parent / page).read_text()
+    (program,) = re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+    (tmp_path / "first.py").write_text(program)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "first.py", cwd=tmp_path, stdout=PIPE, stderr=PIPE
+    )
+    async with asyncio.timeout(30):
+        out, err = await process.communicate()
+    assert (process.returncode, err.decode()) == (0, "")
+    assert out.decode() == printed
+
+
 async def test_demo_tells_what_happens() -> None:
     """demo.py announces each post before it shows up, and dave's catch-up from
     alice's followers lists alice's posts only."""
