@@ -408,6 +408,7 @@ class DhtRegistry:
         """Record that `follower` follows `followee`; `identity` is the follower's.
 
         Raises:
+            UsageError: A name is invalid.
             UnknownUser: `follower` or `followee` is not registered.
             AuthError: `identity` does not own `follower`.
             RegistryUnavailable: No DHT node could be reached.
@@ -424,6 +425,7 @@ class DhtRegistry:
         self, follower: str, followee: str, identity: Identity, *, following: bool
     ) -> FollowEntry:
         await self._owned_claim(follower, identity)
+        _check_name(followee)
         target = await self._cached_claim(followee)
         if target is None:
             raise UnknownUser(f"no user {followee!r}")
