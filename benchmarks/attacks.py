@@ -1250,18 +1250,7 @@ async def attack_stuffing() -> Result:
             clean, lambda: clean.get_followers("alice")
         )
         assert listed == fans, listed
-        now = pt.HybridTimestamp(physical_ms=int(time.time() * 1000))
-        ghosts = [
-            pt.FollowEntry.create(
-                pt.Identity.generate(),
-                follower=f"ghost{i}",
-                followee="alice",
-                followee_key=alice.public_key,
-                following=True,
-                timestamp=now,
-            )
-            for i in range(GHOSTS)
-        ]
+        ghosts = dht.ghost_entries(GHOSTS, "alice", alice.public_key)
         started = time.perf_counter()
         await nodes[2]._sets.add("followers", alice.public_key, ghosts)
         write_s = time.perf_counter() - started

@@ -319,9 +319,10 @@ class Pty:
         os.close(self.master)
 
 
-async def test_interactive_prompt_on_a_terminal(network: list[str]) -> None:
-    """On a terminal: hidden password, live post above the typed line, Ctrl-C, quit."""
-    alice = await Alice.start(network, "register")
+async def cli_on_a_terminal(
+    network: list[str],
+) -> tuple[Pty, asyncio.subprocess.Process]:
+    """The CLI started on a pseudo-terminal of its own, joined to `network`."""
     terminal = Pty()
     process = await spawn(
         "cli.py",
@@ -333,6 +334,13 @@ async def test_interactive_prompt_on_a_terminal(network: list[str]) -> None:
         start_new_session=True,
     )
     os.close(terminal.slave)
+    return terminal, process
+
+
+async def test_interactive_prompt_on_a_terminal(network: list[str]) -> None:
+    """On a terminal: hidden password, live post above the typed line, Ctrl-C, quit."""
+    alice = await Alice.start(network, "register")
+    terminal, process = await cli_on_a_terminal(network)
     try:
         await terminal.expect(r"Type 'help'.*\r> ")
         terminal.type("register bob\r")
@@ -380,17 +388,7 @@ async def test_terminal_checks_before_asking_for_passwords(network: list[str]) -
     a weak new password is refused before it is asked for again."""
     code, _, err = await run(*network, "-c", "register alice correct horse")
     assert (code, err) == (0, "")
-    terminal = Pty()
-    process = await spawn(
-        "cli.py",
-        *CHEAP,
-        *network,
-        stdin=terminal.slave,
-        stdout=terminal.slave,
-        stderr=terminal.slave,
-        start_new_session=True,
-    )
-    os.close(terminal.slave)
+    terminal, process = await cli_on_a_terminal(network)
 
     async def refused(command: str, error: str, prompt: str) -> None:
         """`command` fails with `error` (the start of it), and no password

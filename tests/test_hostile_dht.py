@@ -15,6 +15,7 @@ from hostile.dht import (
     RawClient,
     Sink,
     count_requests,
+    ghost_entries,
     near,
     quiet,
     shard_of,
@@ -251,18 +252,7 @@ async def test_a_follow_set_stuffed_with_unregistered_names_costs_few_lookups(
     nodes = await network(12)
     alice = pt.Identity.generate()
     await nodes[0].claim_username("alice", alice, SEALED)
-    now = pt.HybridTimestamp(physical_ms=int(time.time() * 1000))
-    ghosts = [
-        pt.FollowEntry.create(
-            pt.Identity.generate(),
-            follower=f"ghost{i}",
-            followee="alice",
-            followee_key=alice.public_key,
-            following=True,
-            timestamp=now,
-        )
-        for i in range(300)
-    ]
+    ghosts = ghost_entries(300, "alice", alice.public_key)
     assert nodes[2]._sets is not None
     await nodes[2]._sets.add("followers", alice.public_key, ghosts)
     reader = nodes[5]

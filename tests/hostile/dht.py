@@ -354,3 +354,23 @@ def shard_of(owner: bytes, followers: list[Any]) -> Any:
     )
     shard = SetShard(relation="followers", owner_key=owner, prefix="", entries=entries)
     return RegistryValue(shard=shard)
+
+
+def ghost_entries(count: int, followee: str, followee_key: bytes) -> list[Any]:
+    """`count` follow entries of `followee`, each validly signed by a new key
+    of its own under a made-up name nobody registered (``ghost0``, ...): what
+    stuffs a followers set."""
+    import p2ptimeline as pt
+
+    now = pt.HybridTimestamp(physical_ms=int(time.time() * 1000))
+    return [
+        pt.FollowEntry.create(
+            pt.Identity.generate(),
+            follower=f"ghost{i}",
+            followee=followee,
+            followee_key=followee_key,
+            following=True,
+            timestamp=now,
+        )
+        for i in range(count)
+    ]
