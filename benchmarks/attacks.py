@@ -88,13 +88,13 @@ from _common import header, percentile
 from hostile import dht, push, tcp
 
 import p2ptimeline as pt
-from p2ptimeline._records import (
+from p2ptimeline._dht.records import (
     RegistryValue,
     claim_key,
     presence_key,
     shard_key,
 )
-from p2ptimeline._wire import GetPosts, PostBatch
+from p2ptimeline._p2p.wire import GetPosts, PostBatch
 from p2ptimeline.testing import make_posts
 
 HERE = Path(__file__).resolve().parent

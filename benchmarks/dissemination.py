@@ -78,7 +78,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import bounded, header, percentile, with_retries
 
 import p2ptimeline as pt
-from p2ptimeline._wire import Message, PostPush, TreeMember
+from p2ptimeline._p2p.wire import Message, PostPush, TreeMember
 from p2ptimeline.testing import crash
 
 HOST = "127.0.0.1"

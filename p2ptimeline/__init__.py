@@ -5,7 +5,7 @@ registry of users, and posts travel peer to peer. Start with `Peer`.
 """
 
 from ._clock import DEFAULT_NTP_SERVERS, ClockSync
-from ._connection import Limits
+from ._dht.registry import DhtRegistry, UserRecord
 from ._errors import (
     AuthError,
     DecodeError,
@@ -36,12 +36,12 @@ from ._models import (
     UsernameClaim,
     check_username,
 )
-from ._peer import Notification, Peer, PeerConfig
-from ._registry import DhtRegistry, UserRecord
+from ._p2p.connection import Limits
+from ._p2p.peer import Notification, Peer, PeerConfig
+from ._p2p.tree import DisseminationTree
 from ._serializer import CborSerializer, JsonSerializer, Serializer
 from ._sqlite_store import SqliteStore
 from ._store import LocalStore, Relation, StoredIdentity
-from ._tree import DisseminationTree
 
 __version__ = "0.1.0.dev0"
 

@@ -28,7 +28,7 @@ import ntplib
 
 from ._identity import Identity
 from ._models import HybridTimestamp, Post
-from ._peer import Peer
+from ._p2p.peer import Peer
 from ._store import LocalStore, StoredIdentity
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 
 import p2ptimeline as pt
-from p2ptimeline._directory import FollowerDirectory
+from p2ptimeline._p2p.directory import FollowerDirectory
 
 FAN = pt.Identity.generate()
 STAR_KEY = pt.Identity.generate().public_key

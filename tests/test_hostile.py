@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import p2ptimeline as pt
-from p2ptimeline._wire import (
+from p2ptimeline._p2p.wire import (
     Ack,
     Frame,
     FrameDecoder,

@@ -17,8 +17,16 @@ import pytest
 from hostile.tcp import HangingPort, RawClient, SilentServer, transports_to
 
 import p2ptimeline as pt
-from p2ptimeline._connection import ConnectionPool, PeerServer
-from p2ptimeline._wire import Ack, Frame, GetPosts, Message, PostBatch, Refusal
+from p2ptimeline._p2p.connection import ConnectionPool, Handler, PeerServer
+from p2ptimeline._p2p.wire import (
+    Ack,
+    Frame,
+    GetPosts,
+    Message,
+    PostBatch,
+    Refusal,
+    encode_frame,
+)
 from p2ptimeline.testing import eventually, make_posts
 
 MiB = 1 << 20
@@ -54,7 +62,7 @@ async def library() -> AsyncIterator[pt.Peer]:
 
 @contextlib.asynccontextmanager
 async def serving(
-    handler: pt._connection.Handler, limits: pt.Limits = LIMITS
+    handler: Handler, limits: pt.Limits = LIMITS
 ) -> AsyncIterator[tuple[str, int]]:
     """A `PeerServer` answering with `handler`, closed at the end; yields
     its address."""
@@ -171,7 +179,7 @@ async def test_a_connection_that_does_not_read_gets_no_new_requests_served() -> 
     # Replies leave for the kernel's send buffer (up to tcp_wmem's maximum)
     # and the connection's budget (768 KiB), then no request is read.
     kernel = most_sent_unread()
-    page = len(pt._wire.encode_frame(SERIALIZER, Frame.of(PAGE, reply_to=1)))
+    page = len(encode_frame(SERIALIZER, Frame.of(PAGE, reply_to=1)))
     assert 0 < calls <= (kernel + 768 * 1024) // page + 1 < 100
 
 
@@ -209,7 +217,7 @@ async def test_requests_held_unanswered_are_bounded_in_bytes() -> None:
             tracemalloc.stop()
             release.set()
             client.close()
-    size = len(pt._wire.encode_frame(SERIALIZER, Frame.of(PAGE, request_id=1)))
+    size = len(encode_frame(SERIALIZER, Frame.of(PAGE, request_id=1)))
     assert 0 < calls <= 768 * 1024 // size + 2
     assert peak < 4 * MiB
 
@@ -425,7 +433,7 @@ async def test_a_full_server_evicts_connections_that_never_completed_a_request()
         squatters = []
         for i in range(3, 6):
             squatter = await RawClient.connect(address, local_host=f"127.0.0.{i}")
-            squatter.send_bytes(pt._wire.encode_frame(SERIALIZER, keep_alive))
+            squatter.send_bytes(encode_frame(SERIALIZER, keep_alive))
             squatters.append(squatter)
         await eventually(lambda: all(s.peer_side() for s in squatters))
         newcomers = []

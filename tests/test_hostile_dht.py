@@ -22,7 +22,7 @@ from hostile.dht import (
 )
 
 import p2ptimeline as pt
-from p2ptimeline._records import RegistryValue, claim_key, presence_key
+from p2ptimeline._dht.records import RegistryValue, claim_key, presence_key
 from p2ptimeline.testing import eventually
 
 SEALED = b"sealed-key-placeholder"
@@ -323,7 +323,7 @@ async def test_a_node_refuses_values_for_keys_far_from_it(
 
 
 def _key_of(value: RegistryValue) -> bytes:
-    from p2ptimeline._records import key_of
+    from p2ptimeline._dht.records import key_of
 
     return key_of(value)
 

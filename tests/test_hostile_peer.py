@@ -29,8 +29,8 @@ from hostile.push import (
 from hostile.tcp import RawClient
 
 import p2ptimeline as pt
-from p2ptimeline._records import claim_key
-from p2ptimeline._wire import Ack, GetPosts, PostBatch
+from p2ptimeline._dht.records import claim_key
+from p2ptimeline._p2p.wire import Ack, GetPosts, PostBatch
 from p2ptimeline.testing import eventually, make_posts
 
 PASSWORD = "correct horse"

@@ -13,7 +13,7 @@ import pytest
 from conftest import FAST, PeerFactory
 
 import p2ptimeline as pt
-from p2ptimeline._wire import (
+from p2ptimeline._p2p.wire import (
     FollowNotice,
     Frame,
     Message,

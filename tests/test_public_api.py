@@ -67,7 +67,7 @@ def test_logger_names_are_the_documented_ones() -> None:
     package = Path(pt.__file__).parent
     used = {
         name
-        for module in package.glob("*.py")
+        for module in package.rglob("*.py")
         for name in re.findall(r"getLogger\(\"([^\"]+)\"\)", module.read_text())
     }
     operations = Path(__file__).resolve().parent.parent / "docs" / "operations.md"

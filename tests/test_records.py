@@ -13,9 +13,8 @@ from hypothesis import strategies as st
 from strategies import claims, keys, presences, usernames
 
 import p2ptimeline as pt
-from p2ptimeline import _dht_storage
-from p2ptimeline._dht_storage import RecordStorage, StoreResult
-from p2ptimeline._records import (
+from p2ptimeline._dht import storage as _dht_storage
+from p2ptimeline._dht.records import (
     MAX_SEQ_AHEAD_MS,
     MAX_SHARD_DEPTH,
     MAX_VALUE_SIZE,
@@ -31,6 +30,7 @@ from p2ptimeline._records import (
     shard_capacity,
     shard_key,
 )
+from p2ptimeline._dht.storage import RecordStorage, StoreResult
 
 OWNER = pt.Identity.generate()
 ALICE = pt.Identity.generate()

@@ -13,14 +13,14 @@ from conftest import NetworkFactory
 from kademlia.network import Server
 
 import p2ptimeline as pt
-from p2ptimeline._dht_wire import Request
-from p2ptimeline._records import (
+from p2ptimeline._dht.records import (
     RegistryValue,
     SetShard,
     claim_key,
     presence_key,
     shard_key,
 )
+from p2ptimeline._dht.wire import Request
 from p2ptimeline.testing import eventually
 
 SEALED = b"sealed-key-placeholder"

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from kademlia.node import Node
 
-from p2ptimeline._dht_routing import RegistryRoutingTable
+from p2ptimeline._dht.routing import RegistryRoutingTable
 
 
 class _NoProtocol:

@@ -13,8 +13,8 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import p2ptimeline as pt
-from p2ptimeline._tree import REHOME_PER_FANOUT, Relay
-from p2ptimeline._wire import TreeMember
+from p2ptimeline._p2p.tree import REHOME_PER_FANOUT, Relay
+from p2ptimeline._p2p.wire import TreeMember
 
 fanouts = st.integers(1, 8)
 member_counts = st.integers(0, 2000)

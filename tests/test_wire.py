@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from strategies import follow_entries, posts, presences, timestamps, usernames
 
 import p2ptimeline as pt
-from p2ptimeline._wire import (
+from p2ptimeline._p2p.wire import (
     DEFAULT_MAX_FRAME_SIZE,
     MAX_BATCH_POSTS,
     MAX_TREE_SIZE,

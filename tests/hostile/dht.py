@@ -338,7 +338,7 @@ def shard_of(owner: bytes, followers: list[Any]) -> Any:
     signed, per identity of `followers` (with the longest names: the
     biggest value of its kind), as a `RegistryValue`."""
     import p2ptimeline as pt
-    from p2ptimeline._records import RegistryValue, SetShard
+    from p2ptimeline._dht.records import RegistryValue, SetShard
 
     now = pt.HybridTimestamp(physical_ms=int(time.time() * 1000))
     entries = tuple(

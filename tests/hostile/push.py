@@ -22,7 +22,7 @@ import cbor2
 import pytest
 
 import p2ptimeline as pt
-from p2ptimeline._wire import PROTOCOL_VERSION
+from p2ptimeline._p2p.wire import PROTOCOL_VERSION
 
 SERIALIZER = pt.CborSerializer()
 

@@ -14,7 +14,7 @@ from types import TracebackType
 from typing import Self
 
 import p2ptimeline as pt
-from p2ptimeline._wire import Frame, FrameDecoder, Message, encode_frame
+from p2ptimeline._p2p.wire import Frame, FrameDecoder, Message, encode_frame
 
 SERIALIZER = pt.CborSerializer()
 

@@ -37,9 +37,9 @@ from typing import Literal
 
 import attrs
 
-from ._errors import InvalidRecord
-from ._models import FollowEntry, HybridTimestamp, Presence, UsernameClaim, sized_bytes
-from ._serializer import Serializer
+from .._errors import InvalidRecord
+from .._models import FollowEntry, HybridTimestamp, Presence, UsernameClaim, sized_bytes
+from .._serializer import Serializer
 
 __all__ = [
     "MAX_SEQ_AHEAD_MS",

@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING
 import attrs
 from kademlia.node import Node
 
-from ._dht_wire import FoundReply
-from ._ratelog import RateLimitedLog
+from .._ratelog import RateLimitedLog
+from .wire import FoundReply
 
 if TYPE_CHECKING:
-    from ._dht_protocol import RegistryProtocol
+    from .protocol import RegistryProtocol
 
 __all__ = ["Lookup", "LookupResult"]
 

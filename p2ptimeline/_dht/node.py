@@ -17,14 +17,14 @@ from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.routing import KBucket
 
-from ._dht_lookup import Lookup, LookupResult
-from ._dht_protocol import RegistryProtocol
-from ._dht_routing import ALIVE_FOR
-from ._dht_storage import RecordStorage, StoreResult
-from ._dht_wire import StoreReply
-from ._errors import RegistryUnavailable
-from ._records import RegistryValue
-from ._serializer import Serializer
+from .._errors import RegistryUnavailable
+from .._serializer import Serializer
+from .lookup import Lookup, LookupResult
+from .protocol import RegistryProtocol
+from .records import RegistryValue
+from .routing import ALIVE_FOR
+from .storage import RecordStorage, StoreResult
+from .wire import StoreReply
 
 __all__ = ["DhtNode", "Replica"]
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 import attrs
 
-from ._models import FollowEntry, HybridTimestamp, Presence
+from .._models import FollowEntry, HybridTimestamp, Presence
 
 __all__ = ["Follower", "FollowerDirectory"]
 

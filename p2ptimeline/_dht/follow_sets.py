@@ -11,9 +11,9 @@ import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 
-from ._dht_node import DhtNode, Replica
-from ._models import FollowEntry
-from ._records import (
+from .._models import FollowEntry
+from .node import DhtNode, Replica
+from .records import (
     MAX_SHARD_DEPTH,
     Outcome,
     RegistryValue,

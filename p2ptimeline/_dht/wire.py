@@ -42,7 +42,7 @@ from typing import Any
 import attrs
 import msgpack
 
-from ._records import Outcome, RegistryValue
+from .records import Outcome, RegistryValue
 
 __all__ = [
     "AMPLIFICATION",

@@ -41,10 +41,10 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-from ._errors import PeerUnreachable, ProtocolError, RemoteError
-from ._ratelog import RateLimitedLog
-from ._serializer import Serializer
-from ._wire import (
+from .._errors import PeerUnreachable, ProtocolError, RemoteError
+from .._ratelog import RateLimitedLog
+from .._serializer import Serializer
+from .wire import (
     DEFAULT_MAX_FRAME_SIZE,
     Frame,
     FrameDecoder,

@@ -22,7 +22,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-from ._errors import UsageError
+from .._errors import UsageError
 
 __all__ = ["REHOME_PER_FANOUT", "DisseminationTree", "Relay"]
 

@@ -15,10 +15,9 @@ from typing import Literal, Self, TypeVar
 
 import attrs
 
-from ._clock import ClockSync
-from ._connection import ConnectionPool, Limits, PeerServer
-from ._directory import Follower, FollowerDirectory
-from ._errors import (
+from .._clock import ClockSync
+from .._dht.registry import DhtRegistry
+from .._errors import (
     AuthError,
     InvalidRecord,
     InvalidSignature,
@@ -32,10 +31,10 @@ from ._errors import (
     UnknownUser,
     UsageError,
 )
-from ._hlc import HybridLogicalClock
-from ._identity import DEFAULT_SEAL_COST, Identity, check_password
-from ._memory_store import MemoryStore
-from ._models import (
+from .._hlc import HybridLogicalClock
+from .._identity import DEFAULT_SEAL_COST, Identity, check_password
+from .._memory_store import MemoryStore
+from .._models import (
     MAX_POST_CHARS,
     MAX_USERNAME_CHARS,
     FollowEntry,
@@ -44,13 +43,14 @@ from ._models import (
     Presence,
     check_username,
 )
-from ._ratelog import RateLimitedLog
-from ._registry import DhtRegistry
-from ._serializer import CborSerializer, Serializer
-from ._sqlite_store import SqliteStore
-from ._store import LocalStore, StoredIdentity
-from ._tree import REHOME_PER_FANOUT, DisseminationTree, Relay
-from ._wire import (
+from .._ratelog import RateLimitedLog
+from .._serializer import CborSerializer, Serializer
+from .._sqlite_store import SqliteStore
+from .._store import LocalStore, StoredIdentity
+from .connection import ConnectionPool, Limits, PeerServer
+from .directory import Follower, FollowerDirectory
+from .tree import REHOME_PER_FANOUT, DisseminationTree, Relay
+from .wire import (
     MAX_TREE_SIZE,
     Ack,
     FollowNotice,

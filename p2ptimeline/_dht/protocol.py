@@ -44,9 +44,11 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
-from ._dht_routing import RegistryRoutingTable
-from ._dht_storage import RecordStorage, StoreResult, decode_value
-from ._dht_wire import (
+from .._ratelog import RateLimitedLog
+from .records import Outcome, RegistryValue
+from .routing import RegistryRoutingTable
+from .storage import RecordStorage, StoreResult, decode_value
+from .wire import (
     AMPLIFICATION,
     ID_SIZE,
     PADDED_SIZE,
@@ -65,8 +67,6 @@ from ._dht_wire import (
     source_of,
     unpack,
 )
-from ._ratelog import RateLimitedLog
-from ._records import Outcome, RegistryValue
 
 __all__ = ["MAX_DATAGRAM", "UNREACHABLE_FOR", "RegistryProtocol"]
 

@@ -28,10 +28,10 @@ from collections.abc import Hashable, Iterator
 import attrs
 from kademlia.storage import IStorage
 
-from ._errors import DecodeError, InvalidRecord
-from ._ratelog import RateLimitedLog
-from ._records import MAX_VALUE_SIZE, Outcome, RegistryValue, check_value, merge
-from ._serializer import Serializer
+from .._errors import DecodeError, InvalidRecord
+from .._ratelog import RateLimitedLog
+from .._serializer import Serializer
+from .records import MAX_VALUE_SIZE, Outcome, RegistryValue, check_value, merge
 
 __all__ = ["RecordStorage", "StoreResult", "decode_value"]
 

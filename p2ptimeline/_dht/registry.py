@@ -10,22 +10,21 @@ from typing import Self
 
 import attrs
 
-from ._dht_node import DhtNode, Replica
-from ._dht_storage import DEFAULT_MAX_BYTES, RecordStorage
-from ._dht_wire import StoreReply
-from ._errors import (
+from .._errors import (
     AuthError,
     RegistryUnavailable,
     UnknownUser,
     UsageError,
     UsernameTaken,
 )
-from ._follow_sets import FollowSets
-from ._hlc import HybridLogicalClock
-from ._identity import Identity
-from ._models import FollowEntry, Presence, UsernameClaim, check_username
-from ._names import NameCache
-from ._records import (
+from .._hlc import HybridLogicalClock
+from .._identity import Identity
+from .._models import FollowEntry, Presence, UsernameClaim, check_username
+from .._serializer import CborSerializer, Serializer
+from .follow_sets import FollowSets
+from .names import NameCache
+from .node import DhtNode, Replica
+from .records import (
     Outcome,
     RegistryValue,
     SetRelation,
@@ -34,7 +33,8 @@ from ._records import (
     presence_key,
     shard_capacity,
 )
-from ._serializer import CborSerializer, Serializer
+from .storage import DEFAULT_MAX_BYTES, RecordStorage
+from .wire import StoreReply
 
 __all__ = ["DhtRegistry", "UserRecord"]
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import attrs
 
-from ._errors import DecodeError, ProtocolError
-from ._models import FollowEntry, HybridTimestamp, Post, Presence, uint, username
-from ._serializer import Serializer
+from .._errors import DecodeError, ProtocolError
+from .._models import FollowEntry, HybridTimestamp, Post, Presence, uint, username
+from .._serializer import Serializer
 
 __all__ = [
     "DEFAULT_MAX_FRAME_SIZE",

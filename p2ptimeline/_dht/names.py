@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 
-from ._models import UsernameClaim
+from .._models import UsernameClaim
 
 __all__ = ["NameCache"]
 
