@@ -128,6 +128,7 @@ class Lookup:
         self._patient = patient
         self._timeout = timeout
         self._overdue_after = protocol.wait_timeout / 2
+        self._answered_any = False
         self._by_address: dict[Address, _Candidate] = {}
         self._ids: set[bytes] = set()
         self._failures: collections.Counter[Address] = collections.Counter()
@@ -201,11 +202,15 @@ class Lookup:
         return self._result()
 
     def _overdue(self, candidate: _Candidate, now: float) -> bool:
-        """Asked and unanswered for half the RPC timeout (never, if patient):
-        no longer counted among the closest, and charged to its voucher."""
+        """Asked and unanswered for half the RPC timeout: no longer counted
+        among the closest, and charged to its voucher. Never if patient, nor
+        before any node answered: the first answer is waited for as long as
+        a call lasts (a call sends its request again at half the timeout,
+        when one lost datagram would otherwise end a lookup with nothing)."""
         return (
             candidate.state == "asking"
             and not self._patient
+            and self._answered_any
             and now - candidate.asked_at >= self._overdue_after
         )
 
@@ -269,6 +274,7 @@ class Lookup:
                 self._charge(candidate)
             return
         candidate.state, candidate.reply = "answered", reply
+        self._answered_any = True
         named = [Node(*triple) for triple in reply.nodes]
         named.sort(key=lambda n: n.long_id ^ self._target)
         for node in named[: self._ksize]:
