@@ -9,10 +9,12 @@ P2PTimelineError
 ├── UnknownUser ·········· no such user in the registry
 ├── NetworkError ········· the network could not do what was asked
 │   ├── PeerUnreachable ·· a peer did not answer in time
-│   └── RegistryUnavailable  no DHT node answered
+│   ├── RegistryUnavailable  no DHT node answered
+│   └── ListenError ······ this machine cannot listen on the address asked for
 ├── RemoteError ·········· a remote party sent something wrong
 │   ├── DecodeError ······ bytes that are not a valid encoding
 │   ├── ProtocolError ···· a peer broke the peer protocol (bad frame, ...)
+│   ├── Refused ·········· a peer understood the request and turned it down
 │   └── InvalidRecord ···· well formed, but invalid (wrong key, too old, ...)
 │       └── InvalidSignature  a signature that does not verify
 └── StoreError ··········· the local store failed
@@ -30,11 +32,13 @@ __all__ = [
     "DecodeError",
     "InvalidRecord",
     "InvalidSignature",
+    "ListenError",
     "NetworkError",
     "NotLoggedIn",
     "P2PTimelineError",
     "PeerUnreachable",
     "ProtocolError",
+    "Refused",
     "RegistryUnavailable",
     "RemoteError",
     "StoreError",
@@ -80,6 +84,18 @@ class RegistryUnavailable(NetworkError):
     """No DHT node could be reached to read or write the registry."""
 
 
+class ListenError(NetworkError):
+    """A local UDP or TCP port cannot be bound (taken, or not this machine's).
+
+    Attributes:
+        address: The ``(host, port)`` asked for.
+    """
+
+    def __init__(self, message: str, address: tuple[str, int]) -> None:
+        super().__init__(message)
+        self.address = address
+
+
 class RemoteError(P2PTimelineError):
     """Data that came from somewhere else is not acceptable."""
 
@@ -90,6 +106,22 @@ class DecodeError(RemoteError):
 
 class ProtocolError(RemoteError):
     """A peer broke the peer protocol: a malformed or oversized frame, ..."""
+
+
+class Refused(RemoteError):
+    """A peer understood a request and turned it down, saying why (for
+    example, it cannot check a name the request relies on right now).
+
+    Unlike a `ProtocolError`, a refusal says nothing bad of the peer: it is
+    reachable and speaks the protocol.
+
+    Attributes:
+        reason: The peer's reason, at most 200 printable characters.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class InvalidRecord(RemoteError):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any, ClassVar, Self, TypeVar
+from typing import Any, ClassVar, Literal, Self, TypeVar
 
 import attrs
 import cbor2
@@ -27,6 +27,7 @@ __all__ = [
     "HybridTimestamp",
     "Post",
     "Presence",
+    "Relation",
     "UsernameClaim",
     "check_username",
 ]
@@ -36,6 +37,10 @@ MAX_USERNAME_CHARS = 32
 MAX_POST_CHARS = 1000
 """Longest post text allowed, in characters."""
 MAX_SEALED_KEY_SIZE = 256
+
+Relation = Literal["followers", "following"]
+"""One side of a user's follow graph: the users following them, or those
+they follow (a follow set in the registry, a cached set of names in a store)."""
 _USERNAME = re.compile(rf"[a-z0-9_][a-z0-9_.-]{{0,{MAX_USERNAME_CHARS - 1}}}")
 _UNSIGNED = {"unsigned": True}
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import attrs
 
-from ._models import HybridTimestamp, Post
+from ._models import HybridTimestamp, Post, Relation
 
 __all__ = ["LocalStore", "Relation", "StoredIdentity"]
-
-Relation = Literal["following", "followers"]
-"""Which side of a user's follow graph a cached set of names holds."""
 
 
 @attrs.frozen(kw_only=True)

@@ -11,13 +11,12 @@ import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 
-from .._models import FollowEntry
+from .._models import FollowEntry, Relation
 from .node import DhtNode, Replica
 from .records import (
     MAX_SHARD_DEPTH,
     Outcome,
     RegistryValue,
-    SetRelation,
     SetShard,
     member_path,
     merge_entries,
@@ -49,7 +48,7 @@ class FollowSets:
         self._read_slots = asyncio.Semaphore(_MAX_CONCURRENT_SHARD_READS)
 
     async def add(
-        self, relation: SetRelation, owner_key: bytes, entries: Iterable[FollowEntry]
+        self, relation: Relation, owner_key: bytes, entries: Iterable[FollowEntry]
     ) -> None:
         """Store entries in `owner_key`'s set, each in a shard with room for it.
 
@@ -74,7 +73,7 @@ class FollowSets:
                     pending.setdefault(child, []).append(entry)
 
     async def read(
-        self, relation: SetRelation, owner_key: bytes, *, member: bytes | None = None
+        self, relation: Relation, owner_key: bytes, *, member: bytes | None = None
     ) -> tuple[FollowEntry, ...]:
         """The merged entries of a whole set, or of one `member` only.
 
@@ -103,7 +102,7 @@ class FollowSets:
         return tuple(merged.values())
 
     def _first_open_shard(
-        self, relation: SetRelation, owner_key: bytes, entry: FollowEntry
+        self, relation: Relation, owner_key: bytes, entry: FollowEntry
     ) -> str:
         path = _path(relation, entry)
         prefix = ""
@@ -116,7 +115,7 @@ class FollowSets:
 
     async def _store(
         self,
-        relation: SetRelation,
+        relation: Relation,
         owner_key: bytes,
         prefix: str,
         entries: Sequence[FollowEntry],
@@ -150,7 +149,7 @@ class FollowSets:
         return prefix, list(refused.values())
 
     async def _read_shard(
-        self, relation: SetRelation, owner_key: bytes, prefix: str
+        self, relation: Relation, owner_key: bytes, prefix: str
     ) -> tuple[Iterable[FollowEntry], bool]:
         """The merged entries of one shard, and whether any replica is full."""
         key = shard_key(relation, owner_key, prefix)
@@ -171,7 +170,7 @@ class FollowSets:
 
     def _repair(
         self,
-        relation: SetRelation,
+        relation: Relation,
         owner_key: bytes,
         prefix: str,
         replicas: list[Replica],

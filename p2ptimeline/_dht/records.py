@@ -33,7 +33,6 @@ import collections
 import enum
 import hashlib
 from collections.abc import Iterable, Sequence
-from typing import Literal
 
 import attrs
 
@@ -47,7 +46,6 @@ __all__ = [
     "MAX_VALUE_SIZE",
     "Outcome",
     "RegistryValue",
-    "SetRelation",
     "SetShard",
     "check_value",
     "claim_key",
@@ -69,9 +67,6 @@ clock. Writers take a fresh `seq` from their clock (milliseconds since the
 epoch), so a `seq` far beyond it was not made by an honest clock; refusing
 it keeps anyone from pushing a record's versions towards 2**63, where the
 owner could never publish a newer one."""
-
-SetRelation = Literal["followers", "following"]
-"""The two follow sets every user has."""
 
 
 @attrs.frozen(kw_only=True)

@@ -19,7 +19,7 @@ from .._errors import (
 )
 from .._hlc import HybridLogicalClock
 from .._identity import Identity
-from .._models import FollowEntry, Presence, UsernameClaim, check_username
+from .._models import FollowEntry, Presence, Relation, UsernameClaim, check_username
 from .._serializer import CborSerializer, Serializer
 from .follow_sets import FollowSets
 from .names import NameCache
@@ -27,7 +27,6 @@ from .node import DhtNode, Replica
 from .records import (
     Outcome,
     RegistryValue,
-    SetRelation,
     claim_key,
     claim_winner,
     presence_key,
@@ -466,7 +465,7 @@ class DhtRegistry:
         return frozenset(e.followee for e in entries if e.following)
 
     async def get_follow_entries(
-        self, username: str, relation: SetRelation, *, verify_names: bool = True
+        self, username: str, relation: Relation, *, verify_names: bool = True
     ) -> tuple[FollowEntry, ...]:
         """The current entry (a follow or an unfollow) of each member of a set.
 

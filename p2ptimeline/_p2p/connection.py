@@ -41,7 +41,7 @@ from collections.abc import Awaitable, Callable
 
 import attrs
 
-from .._errors import PeerUnreachable, ProtocolError, RemoteError
+from .._errors import PeerUnreachable, Refused, RemoteError
 from .._ratelog import RateLimitedLog
 from .._serializer import Serializer
 from .wire import (
@@ -298,7 +298,7 @@ class _Connection(asyncio.Protocol):
             self._pending.pop(request_id, None)
             self.last_used = self._loop.time()
         if isinstance(reply, Refusal):
-            raise ProtocolError(f"{self.remote} refused: {reply.reason}")
+            raise Refused(f"{self.remote} refused: {reply.reason}", reply.reason)
         return reply
 
     # Requests in
