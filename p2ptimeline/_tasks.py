@@ -43,17 +43,35 @@ class Tasks:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._closed = False
 
-    def spawn(self, work: Awaitable[T]) -> asyncio.Future[T]:
+    def spawn(
+        self, work: Awaitable[T], *, name: str | None = None
+    ) -> asyncio.Future[T]:
         """Run `work` in the background until it ends or `close` is called.
 
+        Args:
+            work: A coroutine, or a task or future already running, which
+                the group then owns.
+            name: What the task is, for the log line if it fails (the
+                coroutine's name by default).
+
         Raises:
-            RuntimeError: The group is closed (`work` is closed, not run).
+            RuntimeError: The group is closed (`work` is closed or
+                cancelled, not run).
         """
         if self._closed:
             if isinstance(work, Coroutine):
                 work.close()
+            elif isinstance(work, asyncio.Future):
+                work.cancel()
             raise RuntimeError("spawn on closed tasks")
-        task = asyncio.ensure_future(work)
+        if isinstance(work, Coroutine):
+            task: asyncio.Future[T] = asyncio.get_running_loop().create_task(
+                work, name=name or getattr(work, "__qualname__", None)
+            )
+        else:
+            task = asyncio.ensure_future(work)
+            if name is not None and isinstance(task, asyncio.Task):
+                task.set_name(name)
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
@@ -62,19 +80,46 @@ class Tasks:
         """How many tasks are running."""
         return len(self._tasks)
 
+    @property
+    def closed(self) -> bool:
+        """Whether `cancel` or `close` was called: nothing more may be spawned."""
+        return self._closed
+
+    def cancel(self) -> None:
+        """Cancel every task now, without waiting for them (for a callback
+        that cannot wait: `close` waits). Spawning after it raises."""
+        self._closed = True
+        current = _current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+
     async def close(self) -> None:
         """Cancel every task and wait until all are done; idempotent.
 
         Spawning after `close` raises. If the caller is cancelled while
-        waiting, the tasks are still cancelled (they may finish later).
+        waiting, the tasks are still cancelled (they may finish later). A
+        task of the group that closes it is neither cancelled nor waited for
+        (it is the one closing), so an owner may be stopped from its own
+        background work.
         """
-        self._closed = True
-        await cancel(self._tasks)
+        self.cancel()
+        current = _current_task()
+        await cancel(task for task in self._tasks if task is not current)
 
     def _done(self, task: asyncio.Future[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and (error := task.exception()) is not None:
-            self._log.error("background task failed", exc_info=error)
+            name = task.get_name() if isinstance(task, asyncio.Task) else "a future"
+            self._log.error("background task %s failed", name, exc_info=error)
+
+
+def _current_task() -> asyncio.Task[Any] | None:
+    """The task running now, if any (None outside an event loop too)."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
 
 
 async def cancel(tasks: Iterable[asyncio.Future[Any]]) -> None:

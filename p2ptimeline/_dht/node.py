@@ -162,7 +162,7 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
 
     def refresh_table(self, interval: float = 3600) -> None:
         # kademlia schedules this with call_later and an unowned task; the
-        # registry calls `_refresh_table` from its own maintenance task.
+        # registry calls `refresh` from its own maintenance task.
         pass
 
     async def bootstrap(self, addrs: list[tuple[str, int]]) -> list[Node]:
@@ -220,7 +220,10 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
     async def _lookup(self, key: bytes, *, patient: bool = False) -> LookupResult:
         return await self._new_lookup(key, patient=patient).run()
 
-    async def _refresh_table(self) -> None:
+    async def refresh(self) -> None:
+        """Look up a random id in every bucket not looked into for an hour,
+        and republish the values not written for an hour (paper, sections
+        2.3 and 2.5)."""
         await self.look_up(self.protocol.get_refresh_ids())
         # Republish what has not been written for an hour (paper, section 2.5).
         for key, raw in self.storage.iter_older_than(3600):
@@ -414,6 +417,8 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
 
     async def close(self) -> None:
         """Close the socket and stop the node's tasks. Idempotent."""
-        if self.protocol is not None:
-            await self.protocol.close()
-        self.stop()
+        try:
+            if self.protocol is not None:
+                await self.protocol.close()
+        finally:
+            self.stop()

@@ -45,6 +45,7 @@ from kademlia.protocol import KademliaProtocol
 from rpcudp.protocol import RPCProtocol
 
 from .._ratelog import RateLimitedLog
+from .._tasks import Tasks
 from .records import Outcome, RegistryValue
 from .routing import RegistryRoutingTable
 from .storage import RecordStorage, StoreResult, decode_value
@@ -117,7 +118,7 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         self.storage = storage
         self.source_node = source_node
         self._clock = clock
-        self._tasks: set[asyncio.Future[Any]] = set()
+        self._tasks = Tasks(log)
         self._closed: asyncio.Future[None] = asyncio.Future()
         # address -> when it last failed to answer. Lookups skip such nodes
         # for a while instead of waiting for them again and again: other
@@ -141,8 +142,12 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
     # Lifecycle
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run `coro` in a task this protocol owns (cancelled by `close`)."""
-        self.adopt(asyncio.ensure_future(coro))
+        """Run `coro` in a task this protocol owns (cancelled by `close`);
+        once closed, `coro` is closed instead."""
+        if self._tasks.closed:
+            coro.close()
+        else:
+            self._tasks.spawn(coro)
 
     @property
     def wait_timeout(self) -> float:
@@ -150,28 +155,37 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         return float(self._wait_timeout)
 
     def adopt(self, task: asyncio.Future[Any]) -> None:
-        """Own a running task: `close` cancels it."""
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        """Own a running task: `close` cancels it (at once if closed)."""
+        if self._tasks.closed:
+            task.cancel()
+        else:
+            self._tasks.spawn(task)
 
     async def close(self) -> None:
-        """Close the socket, cancel owned tasks and fail pending calls."""
+        """Close the socket, fail pending calls and cancel owned tasks; wait
+        until the socket is closed and the tasks are done. Idempotent.
+
+        Everything is released even if the caller is cancelled meanwhile
+        (the socket and the tasks may then finish closing after it returns).
+        """
+        closing = self.transport is not None
         if self.transport is not None:
             self.transport.close()
-            # The socket closes on the next loop iteration: wait for it, so
-            # the port is free once close() returns.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._closed
         for future, timeout in list(self._outstanding.values()):
             timeout.cancel()
             if not future.done():
                 future.set_result((False, None))
         self._outstanding.clear()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.cancel()
+        try:
+            if closing:
+                # The socket closes on the next loop iteration: wait for it,
+                # so the port is free once close() returns.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await asyncio.shield(self._closed)
+        finally:
+            await self._tasks.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)

@@ -12,6 +12,7 @@ import attrs
 
 from .._errors import (
     AuthError,
+    ListenError,
     RegistryUnavailable,
     UnknownUser,
     UsageError,
@@ -20,7 +21,9 @@ from .._errors import (
 from .._hlc import HybridLogicalClock
 from .._identity import Identity
 from .._models import FollowEntry, Presence, Relation, UsernameClaim, check_username
+from .._ratelog import RateLimitedLog
 from .._serializer import CborSerializer, Serializer
+from .._tasks import Tasks, every
 from .follow_sets import FollowSets
 from .names import NameCache
 from .node import DhtNode, Replica
@@ -42,6 +45,7 @@ log = logging.getLogger("p2ptimeline.registry")
 _MAX_CONCURRENT_CLAIM_READS = 32
 _REBOOTSTRAP_INTERVAL = 1.0
 _CONTACT_CHECK_INTERVAL = 10.0  # one silent contact pinged per check
+_REFRESH_INTERVAL = 3600.0  # seconds between bucket refreshes and republishing
 _CLAIM_CACHE_SIZE = 100_000
 _CLAIM_TTL = 3600.0  # seconds a name's key is taken from the cache
 _ABSENT_TTL = 600.0  # seconds a name read as unregistered stays so
@@ -81,7 +85,17 @@ class DhtRegistry:
     stale replicas. Follow sets are merged per member, so concurrent follows
     never lose an update, and they shard themselves to any size.
 
+    Like `Peer`, it is configured when constructed, started by ``async with``
+    (or `start()`) and stopped on leaving it (or by `stop()`)::
+
+        async with DhtRegistry("127.0.0.1", 0, [("127.0.0.1", 8468)]) as node:
+            print("listening on", node.address)
+
     Args:
+        host: Interface to listen on (UDP).
+        port: UDP port; 0 picks a free one (`address` tells which).
+        bootstrap: ``(host, port)`` of nodes already in the network; none for
+            the first node of a network.
         ksize: Kademlia's k: replicas per key, and bucket size.
         alpha: Kademlia's alpha: parallel requests per lookup step.
         read_quorum: A read of a claim or presence stops once this many of
@@ -102,13 +116,22 @@ class DhtRegistry:
         rejoin_interval: Seconds between greetings of the bootstrap nodes,
             so that one that restarted (and knows nobody) learns of this
             node, and the nodes joining through it find the network.
+        hlc: The hybrid logical clock that stamps this user's follow
+            entries: a peer passes the one that stamps its posts, so that a
+            user has one clock (by default a new one on `clock`).
+
+    Raises:
+        UsageError: `ksize`, `alpha`, `port` or `node_id` is invalid.
     """
 
     def __init__(
         self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        bootstrap: Sequence[tuple[str, int]] = (),
+        *,
         ksize: int = 20,
         alpha: int = 3,
-        *,
         read_quorum: int | None = None,
         rpc_timeout: float = 2.0,
         lease: float = 30.0,
@@ -117,11 +140,16 @@ class DhtRegistry:
         node_id: bytes | None = None,
         max_storage: int = DEFAULT_MAX_BYTES,
         rejoin_interval: float = 120.0,
+        hlc: HybridLogicalClock | None = None,
     ) -> None:
         if ksize < 1 or alpha < 1:
             raise UsageError("ksize and alpha must be positive")
+        _check_port(port)
         if node_id is not None and len(node_id) != 20:
             raise UsageError("a node id is 20 bytes")
+        self._host = host
+        self._port = port
+        self._bootstrap = list(bootstrap)
         self._node_id = node_id
         self._max_storage = max_storage
         self.rejoin_interval = rejoin_interval
@@ -133,12 +161,14 @@ class DhtRegistry:
         self._clock = clock
         self._serializer = serializer or CborSerializer()
         self._capacity = shard_capacity(self._serializer)
-        self._hlc = HybridLogicalClock(self._now_ms)
+        self._hlc = hlc or HybridLogicalClock(self._now_ms)
         self._node: DhtNode | None = None
         self._sets: FollowSets | None = None
-        self._bootstrap: list[tuple[str, int]] = []
-        self._maintenance: asyncio.Task[None] | None = None
-        self._leases: dict[bytes, asyncio.Task[None]] = {}
+        self._tasks = Tasks(log)
+        self._ratelog = RateLimitedLog(log, 60.0)
+        # Presence key -> the task renewing that lease (a renewal replaces it).
+        self._leases: dict[bytes, asyncio.Future[None]] = {}
+        self._last_refresh = self._last_check = self._last_greeting = 0.0
         self._seqs: dict[bytes, int] = {}
         self._names = NameCache(
             size=_CLAIM_CACHE_SIZE,
@@ -151,22 +181,36 @@ class DhtRegistry:
     # Lifecycle
 
     async def start(
-        self, host: str, port: int, bootstrap: Sequence[tuple[str, int]] = ()
+        self,
+        host: str | None = None,
+        port: int | None = None,
+        bootstrap: Sequence[tuple[str, int]] | None = None,
     ) -> None:
-        """Listen on UDP `host`:`port` (0 picks a free port) and join the network.
+        """Listen on UDP and join the network through the bootstrap nodes.
+
+        ``async with`` calls this. The arguments, when given, take the place
+        of the constructor's `host`, `port` and `bootstrap` (for this run
+        and the next ones), as in ``start("127.0.0.1", 0, [boot])``.
 
         Args:
             host: Interface to listen on.
-            port: UDP port; `address` tells the one chosen for 0.
+            port: UDP port (0 picks a free one; `address` tells which).
             bootstrap: ``(host, port)`` of nodes already in the network. If
                 none answers, the registry keeps trying in the background.
 
         Raises:
-            RegistryUnavailable: The port cannot be bound.
+            ListenError: The address cannot be listened on (the port is
+                taken, or the host is not this machine's).
             UsageError: The registry is already started.
         """
         if self._node is not None:
             raise UsageError("the registry is already started")
+        if host is not None:
+            self._host = host
+        if port is not None:
+            self._port = _check_port(port)
+        if bootstrap is not None:
+            self._bootstrap = list(bootstrap)
         node = DhtNode(
             ksize=self.ksize,
             alpha=self.alpha,
@@ -183,17 +227,31 @@ class DhtRegistry:
             clock=self._clock,
         )
         try:
-            await node.listen(port, interface=host)
+            await node.listen(self._port, interface=self._host)
         except OSError as exc:
-            raise RegistryUnavailable(f"cannot listen on {host}:{port}: {exc}") from exc
+            await node.close()
+            host, port = address = (self._host, self._port)
+            reason = (exc.strerror or str(exc)).lower()
+            raise ListenError(
+                f"cannot listen on UDP {host}:{port}: {reason}", address
+            ) from exc
         self._node = node
         self._sets = FollowSets(node, self._capacity)
-        self._bootstrap = node.bootstrap_addresses = list(bootstrap)
-        if self._bootstrap:
-            await node.bootstrap(self._bootstrap)
-            if not node.has_neighbors():
-                log.warning("no bootstrap node answered; will keep trying")
-        self._maintenance = asyncio.create_task(self._maintain(node))
+        self._tasks = Tasks(log)
+        node.bootstrap_addresses = self._bootstrap
+        self._last_refresh = self._last_check = self._last_greeting = time.monotonic()
+        try:
+            if self._bootstrap:
+                await node.bootstrap(self._bootstrap)
+                if not node.has_neighbors():
+                    log.warning("no bootstrap node answered; will keep trying")
+            self._tasks.spawn(
+                every(_REBOOTSTRAP_INTERVAL, self._maintain, self._ratelog),
+                name="DHT maintenance",
+            )
+        except BaseException:  # cancelled, or worse: leave nothing open
+            await self.stop()
+            raise
 
     async def stop(self) -> None:
         """Leave the network: close the socket and stop every task. Idempotent.
@@ -201,19 +259,19 @@ class DhtRegistry:
         Presence leases are not withdrawn: call `set_presence(..., online=False)`
         first for a clean logout. Stopping without it is what a crash looks
         like to the network: the user reads as offline once the lease lapses.
+        The socket is closed even if the caller is cancelled meanwhile.
         """
         node, self._node = self._node, None
         self._sets = None
-        tasks = [t for t in (self._maintenance, *self._leases.values()) if t]
-        self._maintenance = None
         self._leases.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if node is not None:
-            await node.close()
+        try:
+            await self._tasks.close()
+        finally:
+            if node is not None:
+                await node.close()
 
     async def __aenter__(self) -> Self:
+        await self.start()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -352,8 +410,11 @@ class DhtRegistry:
         if renewal is not None:
             renewal.cancel()
         record = await self._publish_presence(identity, address, online)
-        if online:
-            self._leases[key] = asyncio.create_task(
+        if online and not self._tasks.closed:  # (closed: stopped meanwhile)
+            renewal = self._leases.pop(key, None)  # set meanwhile by a racing call
+            if renewal is not None:
+                renewal.cancel()
+            self._leases[key] = self._tasks.spawn(
                 self._renew(identity, address), name=f"lease of {username}"
             )
         return record
@@ -390,14 +451,16 @@ class DhtRegistry:
         return seq
 
     async def _renew(self, identity: Identity, address: tuple[str, int]) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 3)
+        """Publish the presence again every third of the lease, until
+        cancelled, whatever one renewal meets."""
+
+        async def renew_lease() -> None:
             try:
                 await self._publish_presence(identity, address, online=True)
-            except RegistryUnavailable as exc:
+            except RegistryUnavailable as exc:  # the lease lapses if this lasts
                 log.warning("could not renew the presence lease: %s", exc)
-            except Exception:  # a bug must not end the lease for good
-                log.exception("renewing the presence lease failed")
+
+        await every(self.lease / 3, renew_lease, RateLimitedLog(log, self.lease))
 
     # Follow sets
 
@@ -651,29 +714,25 @@ class DhtRegistry:
     def _now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    async def _maintain(self, node: DhtNode) -> None:
-        """Rejoin when cut off; drop contacts that left; refresh buckets and
-        republish hourly."""
-        last_refresh = last_check = last_greeting = time.monotonic()
-        while True:
-            await asyncio.sleep(_REBOOTSTRAP_INTERVAL)
-            try:
-                if self._bootstrap and not node.has_neighbors():
-                    await node.bootstrap(self._bootstrap)
-                elif time.monotonic() - last_greeting > self.rejoin_interval:
-                    # A bootstrap node that restarted knows nobody: without
-                    # this, the nodes joining through it make a network of
-                    # their own, apart from this one.
-                    last_greeting = time.monotonic()
-                    await node.greet(self._bootstrap)
-                if time.monotonic() - last_check > _CONTACT_CHECK_INTERVAL:
-                    last_check = time.monotonic()
-                    await node.check_contacts()
-                if time.monotonic() - last_refresh > 3600:
-                    last_refresh = time.monotonic()
-                    await node._refresh_table()
-            except Exception:  # keep maintaining whatever one round hit
-                log.exception("DHT maintenance failed")
+    async def _maintain(self) -> None:
+        """One round of upkeep (every second): rejoin when cut off, greet the
+        bootstrap nodes now and then, drop contacts that left, refresh
+        buckets and republish hourly."""
+        node = self._started()
+        if self._bootstrap and not node.has_neighbors():
+            await node.bootstrap(self._bootstrap)
+        elif time.monotonic() - self._last_greeting > self.rejoin_interval:
+            # A bootstrap node that restarted knows nobody: without this, the
+            # nodes joining through it make a network of their own, apart
+            # from this one.
+            self._last_greeting = time.monotonic()
+            await node.greet(self._bootstrap)
+        if time.monotonic() - self._last_check > _CONTACT_CHECK_INTERVAL:
+            self._last_check = time.monotonic()
+            await node.check_contacts()
+        if time.monotonic() - self._last_refresh > _REFRESH_INTERVAL:
+            self._last_refresh = time.monotonic()
+            await node.refresh()
 
 
 def _disagree(claims: list[UsernameClaim]) -> bool:
@@ -715,3 +774,9 @@ def _newer_seq(replies: list[StoreReply], ours: UsernameClaim | Presence) -> int
 def _check_name(username: str) -> None:
     if not check_username(username):
         raise UsageError(f"invalid username {username!r}")
+
+
+def _check_port(port: int) -> int:
+    if not 0 <= port <= 65535:
+        raise UsageError(f"a port is a number from 0 to 65535, not {port}")
+    return port

@@ -44,6 +44,7 @@ import attrs
 from .._errors import PeerUnreachable, Refused, RemoteError
 from .._ratelog import RateLimitedLog
 from .._serializer import Serializer
+from .._tasks import Tasks
 from .wire import (
     DEFAULT_MAX_FRAME_SIZE,
     Frame,
@@ -155,7 +156,7 @@ class _Connection(asyncio.Protocol):
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future[Message]] = {}
         # Requests in, being answered, and the bytes they came in.
-        self._handlers: set[asyncio.Task[None]] = set()
+        self._handlers = Tasks(log)
         self._slots = asyncio.Semaphore(limits.max_pending)
         self._requests_held = 0
         # Flow control: bytes reserved by replies being made, waiters for
@@ -187,7 +188,7 @@ class _Connection(asyncio.Protocol):
     @property
     def idle(self) -> bool:
         """No request is waiting for a reply on this connection, either way."""
-        return not self._handlers and not self._pending
+        return not len(self._handlers) and not self._pending
 
     def done(self, callback: Callable[[object], None]) -> None:
         """Call `callback` once the connection has closed."""
@@ -262,8 +263,7 @@ class _Connection(asyncio.Protocol):
             if not future.done():
                 future.set_exception(ConnectionResetError("connection closed"))
         self._pending.clear()
-        for task in self._handlers:
-            task.cancel()
+        self._handlers.cancel()
         if not self._lost.done():
             self._lost.set_result(None)
         self._grant()  # fails every waiter for room
@@ -326,9 +326,7 @@ class _Connection(asyncio.Protocol):
             self._refuse(frame, "too many pending requests")
             return
         self._requests_held += size
-        task = self._loop.create_task(self._answer(frame, size))
-        self._handlers.add(task)
-        task.add_done_callback(self._handlers.discard)
+        self._handlers.spawn(self._answer(frame, size))
 
     def _refuse(self, frame: Frame, reason: str) -> None:
         """Write a refusal now, if the budget has room for it; otherwise the
@@ -584,12 +582,11 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         """Start closing and cancel the handlers; see `wait_closed`."""
         self.shut()
-        for task in self._handlers:
-            task.cancel()
+        self._handlers.cancel()
 
     async def wait_closed(self) -> None:
         """Wait until the handlers are done and the socket is closed."""
-        await asyncio.gather(*self._handlers, return_exceptions=True)
+        await self._handlers.close()
         if self._transport is not None:
             await asyncio.shield(self._lost)
 
