@@ -817,8 +817,10 @@ async def attack_buffering() -> Result:
         await peer.start()
         stack.push_async_callback(peer.stop)
         await peer.register("victim", PASSWORD)
-        identity = peer._session.identity
-        await peer._store.add(
+        context = getattr(peer, "_context", None)  # None: a Peer before the split
+        identity = (context.session if context else peer._session).identity
+        store = context.store if context else peer._store
+        await store.add(
             make_posts("victim", 3000, identity=identity, prefix="x" * 980)
         )
         gc.collect()

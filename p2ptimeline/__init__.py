@@ -40,6 +40,7 @@ from ._models import (
 )
 from ._p2p.connection import Limits
 from ._p2p.peer import Notification, Peer, PeerConfig
+from ._p2p.transport import Transport
 from ._p2p.tree import DisseminationTree
 from ._serializer import CborSerializer, JsonSerializer, Serializer
 from ._sqlite_store import SqliteStore
@@ -86,6 +87,7 @@ __all__ = [
     "SqliteStore",
     "StoreError",
     "StoredIdentity",
+    "Transport",
     "UnknownUser",
     "UsageError",
     "UserRecord",

@@ -49,9 +49,10 @@ async def library() -> AsyncIterator[pt.Peer]:
     await peer.start()
     try:
         await peer.register("victim", "correct horse")
-        assert peer._session is not None
-        identity = peer._session.identity
-        await peer._store.add(
+        session = peer._context.session
+        assert session is not None
+        identity = session.identity
+        await peer._context.store.add(
             make_posts("victim", 3000, identity=identity, prefix="x" * 980)
         )
         yield peer

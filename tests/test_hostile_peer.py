@@ -62,8 +62,9 @@ async def peer() -> AsyncIterator[PeerFactory]:
 
 def identity(peer: pt.Peer) -> pt.Identity:
     """The logged-in user's identity (the attacker signs its own posts)."""
-    assert peer._session is not None
-    return peer._session.identity
+    session = peer._context.session
+    assert session is not None
+    return session.identity
 
 
 async def holds(peer: pt.Peer, post: pt.Post) -> bool:
@@ -96,8 +97,8 @@ async def still_serves(victim: pt.Peer, author: str, count: int) -> None:
 
 
 def quiet(victim: pt.Peer) -> bool:
-    """Whether `victim` has finished forwarding (no background task left)."""
-    return not victim._tasks
+    """Whether `victim` has finished forwarding (no forward under way)."""
+    return not victim._disseminator._relays
 
 
 # Point 6: push fan-out amplification
@@ -532,5 +533,6 @@ async def test_a_post_failing_a_wrongly_cached_key_makes_the_peer_read_it_again(
 
 def star_key(peer: pt.Peer) -> bytes:
     """The public key of the user logged in on `peer`."""
-    assert peer._session is not None
-    return peer._session.identity.public_key
+    session = peer._context.session
+    assert session is not None
+    return session.identity.public_key

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import attrs
@@ -46,26 +47,48 @@ async def star_and_fans(
     return net
 
 
-def count_pushes(peer: pt.Peer) -> list[str]:
-    """Record the receivers of every push `peer` sends."""
-    sent: list[str] = []
-    assert peer._pool is not None
-    request = peer._pool.request
+class Wiretap(pt.Transport):
+    """A peer's transport that records the pushes it sends, and can be told
+    to fail some requests (`fault`) or to answer others' in its place
+    (`answering`)."""
 
-    async def counting(address: tuple[str, int], message: Message) -> Message:
+    def __init__(self, inner: pt.Transport) -> None:
+        super().__init__(inner)
+        self.pushed: list[str] = []  # the receivers of every push sent
+        self.fault: Callable[[Message], None] | None = None
+        self.answering: Callable[[Message], Awaitable[Message]] | None = None
+
+    async def request(self, address: tuple[str, int], message: Message) -> Message:
+        if self.fault is not None:
+            self.fault(message)
         if isinstance(message, PostPush):
-            sent.append(message.tree[0].name)
-        return await request(address, message)
+            self.pushed.append(message.tree[0].name)
+        return await super().request(address, message)
 
-    peer._pool.request = counting  # type: ignore[method-assign]
-    return sent
+    async def answer(self, message: Message, remote: tuple[str, int]) -> Message:
+        if self.answering is not None:
+            return await self.answering(message)
+        return await super().answer(message, remote)
+
+
+class Taps:
+    """`Peer(transport=taps)`: gives each peer made a `Wiretap`, in order."""
+
+    def __init__(self) -> None:
+        self.made: list[Wiretap] = []
+
+    def __call__(self, inner: pt.Transport) -> pt.Transport:
+        self.made.append(Wiretap(inner))
+        return self.made[-1]
 
 
 async def test_post_reaches_every_online_follower(peers: PeerFactory) -> None:
     """A post reaches all 20 online followers; the author sends at most k frames."""
-    star, *fans = await star_and_fans(peers, 20)
+    taps = Taps()
+    star, *fans = await star_and_fans(peers, 20, transport=taps)
     assert await star.followers("star") == sorted(f"fan{i}" for i in range(20))
-    sent = count_pushes(star)
+    sent = taps.made[0].pushed
+    sent.clear()
     post = await star.post("hello, followers")
     await eventually(lambda: all_hold(fans, post))
     assert len(sent) <= FAST.fanout
@@ -76,23 +99,26 @@ async def test_a_subtree_too_large_for_a_frame_is_split(peers: PeerFactory) -> N
     """When the author's subtrees do not fit in a frame, it sends each child
     the post alone and pushes the children's subtrees itself: every follower
     still gets the post pushed, none is taken for unreachable."""
-    star, *fans = await star_and_fans(peers, 20)
-    post = await star.post("small enough")  # connections opened: limits copied
+    taps = Taps()
+    star, *fans = await star_and_fans(peers, 20, transport=taps)
+    tap = taps.made[0]
+    post = await star.post("small enough")
     await eventually(lambda: all_hold(fans, post))
     four = tuple(TreeMember(name=f"fan{i}", host="127.0.0.1", port=1) for i in range(4))
     push = Frame.of(PostPush(post=post, fanout=2, tree=four), request_id=1)
     size = len(encode_frame(pt.CborSerializer(), push)) + 100  # 4 or 5 fit, not 10
-    limits = attrs.evolve(star.config.limits, max_frame_size=size)
-    assert star._pool is not None
-    star._pool._limits = limits
-    for connection in star._pool._connections.values():
-        connection._limits = limits
-    sent = count_pushes(star)
+
+    def frame_limit(message: Message) -> None:  # what the pool checks
+        encode_frame(pt.CborSerializer(), Frame.of(message, request_id=1), size)
+
+    tap.fault = frame_limit
+    tap.pushed.clear()
     post = await star.post("to a tree that does not fit in one frame")
     await eventually(lambda: all_hold(fans, post))
-    assert len(sent) > FAST.fanout  # split: more than k frames from the author
-    assert star._session is not None
-    directory = star._session.directory
+    assert len(tap.pushed) > FAST.fanout  # split: more than k frames from the author
+    session = star._context.session
+    assert session is not None
+    directory = session.directory
     assert [n for n in directory.names() if directory.get(n).unreachable_seq] == []  # type: ignore[union-attr]
 
 
@@ -100,13 +126,14 @@ async def test_followers_forward_with_the_authors_fanout(peers: PeerFactory) -> 
     """Peers configured with another fanout than the author's forward its
     tree as planned (the arity travels in each push): the author still sends
     only k frames."""
-    (star,) = await peers(1)
+    taps = Taps()
+    (star,) = await peers(1, transport=taps)
     fans = await peers(12, config=attrs.evolve(FAST, fanout=3))
     await star.register("star", "correct horse")
     for i, fan in enumerate(fans):
         await fan.register(f"fan{i}", "correct horse")
         await fan.follow("star")
-    sent = count_pushes(star)
+    sent = taps.made[0].pushed
     post = await star.post("whatever your fanout")
     await eventually(lambda: all_hold(fans, post))
     assert len(sent) == FAST.fanout
@@ -219,18 +246,16 @@ async def test_a_lost_follow_notice_is_made_up_from_the_registry(
     """A follow whose notice never reached the online followee is read from
     the registry: the followee's next posts are pushed to the new follower."""
     (alice,) = await peers(1, config=attrs.evolve(FAST, pull_interval=0.5))
-    (bob,) = await peers(1)
+    taps = Taps()
+    (bob,) = await peers(1, transport=taps)
     await alice.register("alice", "correct horse")
     await bob.register("bob", "correct horse")
-    assert bob._pool is not None
-    request = bob._pool.request
 
-    async def losing_notices(address: tuple[str, int], message: Message) -> Message:
+    def losing_notices(message: Message) -> None:
         if isinstance(message, FollowNotice):
             raise pt.PeerUnreachable("lost on the way")
-        return await request(address, message)
 
-    bob._pool.request = losing_notices  # type: ignore[method-assign]
+    taps.made[0].fault = losing_notices
     await bob.follow("alice")
     assert await alice.followers("alice") == ["bob"]  # in the registry
     await eventually(lambda: _notified(alice, ("follow", "bob")))
@@ -298,22 +323,24 @@ async def test_operations_need_a_login(peers: PeerFactory) -> None:
 
 async def test_forged_and_tampered_posts_are_never_stored(peers: PeerFactory) -> None:
     """Pushed or pulled posts that fail verification are refused and not stored."""
-    star, fan, mallory = await peers(3)
+    taps = Taps()
+    star, fan = await peers(2)
+    (mallory,) = await peers(1, transport=taps)
     await star.register("star", "correct horse")
     await fan.register("fan", "correct horse")
     await mallory.register("mallory", "correct horse")
     await fan.follow("star")
     genuine = await star.post("genuine")
     await eventually(lambda: holds(fan, genuine))
-    assert mallory._session is not None
+    assert mallory._context.session is not None
     forged = pt.Post.create(
-        mallory._session.identity, "star", "I am star", genuine.timestamp
+        mallory._context.session.identity, "star", "I am star", genuine.timestamp
     )
     tampered = attrs.evolve(genuine, text="tampered")
     me = TreeMember(name="fan", host="127.0.0.1", port=fan.port)
     for bad in (forged, tampered):
-        with pytest.raises(pt.ProtocolError):
-            await mallory._request(
+        with pytest.raises(pt.Refused):
+            await taps.made[0].request(
                 fan.address, PostPush(post=bad, fanout=2, tree=(me,))
             )
     # A source that lies when asked for posts: mallory answers GetPosts.
@@ -322,11 +349,10 @@ async def test_forged_and_tampered_posts_are_never_stored(peers: PeerFactory) ->
     await late[0].follow("star")  # pulls the real posts
     await late[0].logout()
 
-    async def lying(message: Message, remote: tuple[str, int]) -> Message:
+    async def lying(message: Message) -> Message:
         return PostBatch(posts=(forged, tampered), more=False)
 
-    assert mallory._server is not None
-    mallory._server._handler = lying
+    taps.made[0].answering = lying
     await star.logout()
     await fan.logout()
     await mallory.follow("star")  # now mallory is a source of star's posts
@@ -473,16 +499,16 @@ async def test_a_silent_follower_delays_only_its_own_subtree(
     """A follower that accepts connections but never answers is skipped after
     its timeouts; everyone else, its subtree included, still gets the post."""
     quick = attrs.evolve(FAST, fanout=1, limits=pt.Limits(request_timeout=0.3))
-    star, *fans = await star_and_fans(peers, 20, config=quick)
+    taps = Taps()
+    star, *fans = await star_and_fans(peers, 20, config=quick, transport=taps)
     silent = fans[4]
     never = asyncio.Event()
 
-    async def mute(message: Message, remote: tuple[str, int]) -> Message:
+    async def mute(message: Message) -> Message:
         await never.wait()
         raise AssertionError("unreachable")
 
-    assert silent._server is not None
-    silent._server._handler = mute
+    taps.made[5].answering = mute
     post = await star.post("around the silent one")
     others = [f for f in fans if f is not silent]
     await eventually(lambda: all_hold(others, post), within=20)
@@ -509,15 +535,17 @@ async def test_a_crashed_peer_reads_offline_then_catches_up(
 
 
 async def test_posts_stamped_far_in_the_future_are_refused(peers: PeerFactory) -> None:
-    """A genuine post stamped beyond max_future_ms is not stored (timeline pinning)."""
-    star, fan = await star_and_fans(peers, 1)
-    assert star._session is not None
-    ahead = int(time.time() * 1000) + FAST.max_future_ms + 60_000
+    """A genuine post stamped beyond max_future is not stored (timeline pinning)."""
+    taps = Taps()
+    star, fan = await star_and_fans(peers, 1, transport=taps)
+    session = star._context.session
+    assert session is not None
+    ahead = int((time.time() + FAST.max_future + 60) * 1000)
     future = pt.Post.create(
-        star._session.identity, "star", "pinned", pt.HybridTimestamp(physical_ms=ahead)
+        session.identity, "star", "pinned", pt.HybridTimestamp(physical_ms=ahead)
     )
     me = TreeMember(name="fan0", host="127.0.0.1", port=fan.port)
-    await star._request(fan.address, PostPush(post=future, fanout=2, tree=(me,)))
+    await taps.made[0].request(fan.address, PostPush(post=future, fanout=2, tree=(me,)))
     now = await star.post("on time")
     await eventually(lambda: holds(fan, now))
     assert not await holds(fan, future)
