@@ -68,10 +68,10 @@ async def run(host: str, port: int, count: int) -> int:
     nodes: list[pt.DhtRegistry] = []
     try:
         for i in range(count):
-            node = pt.DhtRegistry()
             known = [n.address for n in nodes]
+            node = pt.DhtRegistry(host, port + i if port else 0, known)
             try:
-                await node.start(host, port + i if port else 0, bootstrap=known)
+                await node.start()
             except pt.P2PTimelineError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 1
