@@ -422,6 +422,7 @@ class LocalNetwork:
         data_dir: str | os.PathLike[str] | None = None,
         store: LocalStore | None = None,
         clock: ClockSync | None = None,
+        **options: Any,
     ) -> Peer:
         """Start one more peer on the network; nobody is logged in on it.
 
@@ -431,6 +432,8 @@ class LocalNetwork:
                 network's `data_dir`, if it has one).
             store: Its store (default: the network's, or a `MemoryStore`).
             clock: Its clock (default: the local clock, no NTP).
+            options: Other keyword arguments of `Peer` (`transport`, to
+                inject faults).
 
         Raises:
             UsageError: The network is closed.
@@ -449,6 +452,7 @@ class LocalNetwork:
             clock=clock or ClockSync(servers=[]),
             serializer=self._serializer,
             config=config or self.config,
+            **options,
         )
         await self._start(peer)
         return peer

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 import p2ptimeline as pt
+from p2ptimeline.testing import local_network
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -57,23 +59,15 @@ async def network() -> AsyncIterator[NetworkFactory]:
 async def peers() -> AsyncIterator[PeerFactory]:
     """A factory of peers joined through one bootstrap node; all stopped at the end.
 
-    ``await peers(n, **options)`` starts `n` peers; options go to `Peer`
-    (`config` is `FAST`, and `clock` one without NTP servers, unless given).
+    ``await peers(n, **options)`` starts `n` peers at once; options go to
+    `LocalNetwork.add_peer` (`config` is `FAST`, and `clock` one without NTP
+    servers, unless given).
     """
-    boot = pt.DhtRegistry(ksize=8)
-    await boot.start("127.0.0.1", 0)
-    started: list[pt.Peer] = []
+    async with local_network(config=FAST) as net:
 
-    async def start(count: int, **options: object) -> list[pt.Peer]:
-        new = []
-        for _ in range(count):
-            chosen = {"config": FAST, "clock": pt.ClockSync(servers=[]), **options}
-            new.append(pt.Peer("127.0.0.1", 0, [boot.address], **chosen))  # type: ignore[arg-type]
-        for peer in new:
-            await peer.start()
-        started.extend(new)
-        return new
+        async def start(count: int, **options: Any) -> list[pt.Peer]:
+            return list(
+                await asyncio.gather(*(net.add_peer(**options) for _ in range(count)))
+            )
 
-    yield start
-    await asyncio.gather(*(peer.stop() for peer in started))
-    await boot.stop()
+        yield start
