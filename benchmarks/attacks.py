@@ -339,8 +339,11 @@ async def network(
     nodes: list[pt.DhtRegistry] = []
     stack.push_async_callback(_stop_all, nodes)
     for _ in range(count):
-        node = pt.DhtRegistry(ksize, serializer=serializer, **options)
-        await node.start(HOST, 0, bootstrap=[nodes[0].address] if nodes else [])
+        boot = [nodes[0].address] if nodes else []
+        node = pt.DhtRegistry(
+            HOST, 0, boot, ksize=ksize, serializer=serializer, **options
+        )
+        await node.start()
         nodes.append(node)
     return nodes
 

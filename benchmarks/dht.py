@@ -137,9 +137,15 @@ async def start_ours(
     registries: list[pt.DhtRegistry] = []
     for boot in joins(rng, nodes):
         registry = pt.DhtRegistry(
-            KSIZE, ALPHA, rpc_timeout=rpc_timeout, serializer=serializer
+            HOST,
+            0,
+            [registries[j].address for j in boot],
+            ksize=KSIZE,
+            alpha=ALPHA,
+            rpc_timeout=rpc_timeout,
+            serializer=serializer,
         )
-        await registry.start(HOST, 0, bootstrap=[registries[j].address for j in boot])
+        await registry.start()
         stack.push_async_callback(registry.stop)
         registries.append(registry)
     for registry, boot in zip(registries, rejoins(rng, nodes), strict=True):
