@@ -10,6 +10,7 @@ depend on the pluggable `Serializer` used for transport and storage.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import re
 from typing import Any, ClassVar, Literal, Self, TypeVar
@@ -43,6 +44,7 @@ Relation = Literal["followers", "following"]
 they follow (a follow set in the registry, a cached set of names in a store)."""
 _USERNAME = re.compile(rf"[a-z0-9_][a-z0-9_.-]{{0,{MAX_USERNAME_CHARS - 1}}}")
 _UNSIGNED = {"unsigned": True}
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.UTC)
 
 
 def check_username(name: str) -> bool:
@@ -122,6 +124,15 @@ class HybridTimestamp:
 
     def __ge__(self, other: HybridTimestamp) -> bool:
         return (self.physical_ms, self.logical) >= (other.physical_ms, other.logical)
+
+    @property
+    def datetime(self) -> datetime.datetime:
+        """The wall-clock time of `physical_ms`, as an aware UTC datetime
+        (to millisecond precision; `logical` is not part of it).
+
+        Use ``timestamp.datetime.astimezone()`` for local time.
+        """
+        return _EPOCH + datetime.timedelta(milliseconds=self.physical_ms)
 
     def packed(self) -> int:
         """This timestamp as one 63-bit integer with the same order."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime
+
 import attrs
 import pytest
 from hypothesis import given
@@ -21,6 +23,15 @@ def test_timestamps_order_by_physical_then_logical() -> None:
     c = pt.HybridTimestamp(physical_ms=11, logical=1)
     assert a < b < c
     assert sorted([c, a, b]) == [a, b, c]
+
+
+def test_a_timestamp_reads_as_a_utc_datetime() -> None:
+    """`HybridTimestamp.datetime` is the aware UTC time of `physical_ms`."""
+    moment = T0.datetime
+    assert moment == datetime.datetime(2023, 11, 14, 22, 13, 20, tzinfo=datetime.UTC)
+    assert moment.timestamp() * 1000 == T0.physical_ms
+    later = pt.HybridTimestamp(physical_ms=T0.physical_ms + 1_500)
+    assert later.datetime - moment == datetime.timedelta(seconds=1.5)
 
 
 @given(timestamps, timestamps)
