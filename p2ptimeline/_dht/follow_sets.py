@@ -1,6 +1,6 @@
 """Follow sets in the DHT: sharded, merged per member, never losing an update.
 
-See `p2ptimeline._records` for the shard layout. `FollowSets` writes each
+See `p2ptimeline._dht.records` for the shard layout. `FollowSets` writes each
 entry into the first shard on its member's path that has room, and reads a
 whole set (or one member's path) by walking the shard trie from the root.
 """

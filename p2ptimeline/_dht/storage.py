@@ -3,7 +3,7 @@
 A storage node is asked to keep values by anyone, so what it keeps is
 bounded three ways:
 
-* every value is validated and merged by the pure rules of `_records`
+* every value is validated and merged by the pure rules of `records`
   (`check_value`, `merge`) before it is kept, with the clock passed in;
 * the node keeps one form of each value, its encoding (decoded again when a
   merge or a local read needs it), and at most `max_bytes` of them in all;
