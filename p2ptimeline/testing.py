@@ -525,6 +525,9 @@ class LocalNetwork:
         config = self.config
         for _ in range(count):
             node = DhtRegistry(
+                self._host,
+                0,
+                self.bootstrap,
                 ksize=config.ksize,
                 alpha=config.alpha,
                 rpc_timeout=config.rpc_timeout,
@@ -532,7 +535,7 @@ class LocalNetwork:
                 serializer=self._serializer,
             )
             self.bootstrap_nodes.append(node)
-            await node.start(self._host, 0, self.bootstrap)
+            await node.start()
             self.bootstrap.append(node.address)
 
     def _default_store(self, name: str) -> tuple[LocalStore | None, Path | None]:

@@ -40,14 +40,14 @@ async def network() -> AsyncIterator[NetworkFactory]:
 
     async def start(count: int, **options: object) -> list[pt.DhtRegistry]:
         options = {"ksize": 8, "rpc_timeout": 2.0, **options}
-        first = pt.DhtRegistry(**options)  # type: ignore[arg-type]
-        await first.start("127.0.0.1", 0)
+        first = pt.DhtRegistry("127.0.0.1", 0, **options)  # type: ignore[arg-type]
         started.append(first)
+        await first.start()
         nodes = [first]
         for _ in range(count - 1):
-            node = pt.DhtRegistry(**options)  # type: ignore[arg-type]
-            await node.start("127.0.0.1", 0, bootstrap=[first.address])
+            node = pt.DhtRegistry("127.0.0.1", 0, [first.address], **options)  # type: ignore[arg-type]
             started.append(node)
+            await node.start()
             nodes.append(node)
         return nodes
 

@@ -4,43 +4,33 @@ from __future__ import annotations
 
 import signal
 import sqlite3
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from crash_probe import Probe
 
 import p2ptimeline as pt
+from p2ptimeline.testing import local_network
 
 CONFIG = pt.PeerConfig(seal_cost=10, ksize=8, pull_interval=3600.0)
 
 
-@pytest.fixture
-async def boot() -> AsyncIterator[pt.DhtRegistry]:
-    """A bootstrap DHT node."""
-    node = pt.DhtRegistry(ksize=8)
-    await node.start("127.0.0.1", 0)
-    yield node
-    await node.stop()
-
-
 @pytest.mark.slow
 async def test_killed_after_post_loses_nothing_and_catches_up(
-    boot: pt.DhtRegistry, tmp_path: Path
+    tmp_path: Path,
 ) -> None:
     """Killed with SIGKILL right after post() returns, again and again, the
     peer keeps every post, its store stays sound, it catches up on what it
     missed and serves its posts again."""
-    async with pt.Peer(
-        "127.0.0.1", 0, [boot.address], clock=pt.ClockSync(servers=[]), config=CONFIG
-    ) as friend:
-        await friend.register("friend", "correct horse")
+    async with local_network(config=CONFIG) as net:
+        (boot,) = net.bootstrap
+        (friend,) = await net.add_users("friend")
         data_dir = tmp_path / "author"
         acknowledged: list[str] = []
         missed: list[str] = []
         for round_ in range(4):
             probe = await Probe.start(
-                data_dir, boot.address, "author", "correct horse", "friend"
+                data_dir, boot, "author", "correct horse", "friend"
             )
             held = await probe.line("held")
             timeline = await probe.line("timeline")
@@ -58,9 +48,7 @@ async def test_killed_after_post_loses_nothing_and_catches_up(
                 (await friend.post(f"while author is dead, {round_}")).id.hex()
             )
         # It comes back and serves: the friend pulls every acknowledged post.
-        probe = await Probe.start(
-            data_dir, boot.address, "author", "correct horse", "friend"
-        )
+        probe = await Probe.start(data_dir, boot, "author", "correct horse", "friend")
         await probe.line("held")
         await friend.sync()
         ids = {p.id.hex() for p in await friend.timeline(limit=1000)}

@@ -22,6 +22,7 @@ from p2ptimeline._p2p.wire import (
     PostBatch,
     encode_frame,
 )
+from p2ptimeline.testing import local_network
 
 SERIALIZER = pt.CborSerializer()
 LIMITS = pt.Limits(frame_timeout=0.5, max_connections_per_host=8, max_pending=4)
@@ -35,9 +36,8 @@ FUZZ = settings(
 
 @attrs.define
 class Target:
-    """A live peer with one post, and a bootstrap node."""
+    """A live peer with one post."""
 
-    boot: pt.DhtRegistry
     peer: pt.Peer
     post: pt.Post
 
@@ -45,17 +45,10 @@ class Target:
 @pytest.fixture
 async def target() -> AsyncIterator[Target]:
     """A started, logged-in peer holding one post of its own."""
-    boot = pt.DhtRegistry(ksize=8)
-    await boot.start("127.0.0.1", 0)
-    peer = pt.Peer(
-        "127.0.0.1", 0, [boot.address], clock=pt.ClockSync(servers=[]), config=CONFIG
-    )
-    await peer.start()
-    await peer.register("victim", "correct horse")
-    post = await peer.post("still here")
-    yield Target(boot, peer, post)
-    await peer.stop()
-    await boot.stop()
+    async with local_network(config=CONFIG) as net:
+        (peer,) = await net.add_users("victim")
+        post = await peer.post("still here")
+        yield Target(peer, post)
 
 
 async def honest_get(target: Target) -> None:
@@ -80,8 +73,8 @@ async def honest_get(target: Target) -> None:
 
 async def honest_dht_read(target: Target) -> None:
     """The peer's DHT node still answers: a fresh node reads the victim's record."""
-    reader = pt.DhtRegistry(ksize=8)
-    await reader.start("127.0.0.1", 0, bootstrap=[target.peer.address])
+    reader = pt.DhtRegistry("127.0.0.1", 0, [target.peer.address], ksize=8)
+    await reader.start()
     try:
         record = await reader.get_user("victim")
         assert record is not None

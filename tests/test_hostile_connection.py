@@ -27,7 +27,7 @@ from p2ptimeline._p2p.wire import (
     Refusal,
     encode_frame,
 )
-from p2ptimeline.testing import eventually, make_posts
+from p2ptimeline.testing import eventually, local_network, make_posts
 
 MiB = 1 << 20
 SERIALIZER = pt.CborSerializer()
@@ -41,14 +41,8 @@ PAGE = PostBatch(posts=tuple(make_posts("victim", 100, prefix="x" * 980)), more=
 @pytest.fixture
 async def library() -> AsyncIterator[pt.Peer]:
     """A started peer holding 3,000 posts of about 1,000 characters by its user."""
-    boot = pt.DhtRegistry(ksize=8)
-    await boot.start("127.0.0.1", 0)
-    peer = pt.Peer(
-        "127.0.0.1", 0, [boot.address], clock=pt.ClockSync(servers=[]), config=CONFIG
-    )
-    await peer.start()
-    try:
-        await peer.register("victim", "correct horse")
+    async with local_network(config=CONFIG) as net:
+        (peer,) = await net.add_users("victim")
         session = peer._context.session
         assert session is not None
         identity = session.identity
@@ -56,9 +50,6 @@ async def library() -> AsyncIterator[pt.Peer]:
             make_posts("victim", 3000, identity=identity, prefix="x" * 980)
         )
         yield peer
-    finally:
-        await peer.stop()
-        await boot.stop()
 
 
 @contextlib.asynccontextmanager
