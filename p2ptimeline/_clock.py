@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
 
 import ntplib
+
+from ._ratelog import RateLimitedLog
+from ._tasks import Tasks, every
 
 __all__ = ["DEFAULT_NTP_SERVERS", "ClockSync"]
 
@@ -47,7 +49,7 @@ class ClockSync:
         self._time_source = time_source
         self._offset = 0.0
         self._synced = False
-        self._refresher: asyncio.Task[None] | None = None
+        self._refresher = Tasks(log)
 
     @property
     def offset(self) -> float:
@@ -90,22 +92,26 @@ class ClockSync:
         return self._offset
 
     def start(self, interval: float = 600.0) -> None:
-        """Sync now and then every `interval` seconds, until `stop()`."""
-        if self._refresher is None or self._refresher.done():
-            self._refresher = asyncio.create_task(self._refresh(interval))
+        """Sync now and then every `interval` seconds, until `stop()`.
+
+        Does nothing if already refreshing.
+        """
+        if self._refresher.closed:  # stopped before: a new run
+            self._refresher = Tasks(log)
+        if not len(self._refresher):
+            self._refresher.spawn(self._refresh(interval), name="NTP refresh")
 
     async def stop(self) -> None:
         """Stop the periodic refresh started by `start()`. Idempotent."""
-        task, self._refresher = self._refresher, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._refresher.close()
 
     async def _refresh(self, interval: float) -> None:
-        while True:
+        ratelog = RateLimitedLog(log, interval)
+        try:
             await self.sync()
-            await asyncio.sleep(interval)
+        except Exception:  # a bug: the refresh goes on all the same
+            log.exception("syncing the clock failed")
+        await every(interval, self.sync, ratelog)
 
     async def _ask(self, server: tuple[str, int]) -> float | None:
         host, port = server

@@ -101,3 +101,26 @@ async def test_periodic_refresh_starts_and_stops() -> None:
         await clock.stop()  # idempotent
         await asyncio.sleep(0.2)  # no refresh may happen after stop()
         assert ntp.requests == seen
+
+
+async def test_a_cancelled_stop_still_ends_the_refresh() -> None:
+    """stop() cancelled while the refresh winds down still ends it (no sync
+    after), and a later start() refreshes again."""
+    async with NtpServer(skew=1.0) as ntp:
+        clock = pt.ClockSync(servers=[ntp.address])
+        clock.start(interval=0.05)
+        await eventually(lambda: ntp.requests >= 1)
+        stopping = asyncio.create_task(clock.stop())
+        await asyncio.sleep(0)  # stop() has cancelled the refresh, and waits
+        stopping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await stopping
+        await clock.stop()
+        seen = ntp.requests
+        await asyncio.sleep(0.2)  # several intervals: no refresh may happen
+        assert ntp.requests == seen
+        clock.start(interval=0.05)
+        try:
+            await eventually(lambda: ntp.requests >= seen + 2)
+        finally:
+            await clock.stop()

@@ -222,10 +222,12 @@ async def test_one_node_inventing_closer_nodes_cannot_stall_lookups(
         return liar.shaped(name, args, nodes=invented)
 
     liar.answer = answer
-    reader = pt.DhtRegistry(ksize=8, rpc_timeout=1.0)
+    reader = pt.DhtRegistry(
+        "127.0.0.1", 0, [nodes[3].address], ksize=8, rpc_timeout=1.0
+    )
     try:
         await liar.join([n.address for n in nodes])
-        await reader.start("127.0.0.1", 0, bootstrap=[nodes[3].address])
+        await reader.start()
         await liar.join([reader.address])
         before = sink.received
         async with asyncio.timeout(30):  # liveness only: far below 64 timeouts
@@ -277,8 +279,8 @@ async def test_one_sender_fills_at_most_its_quota_of_a_nodes_storage() -> None:
     """A sender storing valid values of its own making (big follow-set
     shards, under keys of its choosing) stops being taken at its quota, a
     sixteenth of the node's budget (64 MiB by default)."""
-    node = pt.DhtRegistry(ksize=8)
-    await node.start("127.0.0.1", 0)
+    node = pt.DhtRegistry("127.0.0.1", 0, ksize=8)
+    await node.start()
     followers = [pt.Identity.generate() for _ in range(21)]
     client = await RawClient.open()
     try:
@@ -346,13 +348,15 @@ async def test_a_taken_name_cannot_be_claimed_through_a_nodes_own_vote(
     its claim while the race is decided, so it cannot tie the vote."""
     (boot,) = await network(1, rpc_timeout=0.5)  # stopped nodes stay its contacts
     owner = pt.Identity.generate()
-    first = pt.DhtRegistry(ksize=8, rpc_timeout=0.5)
-    await first.start("127.0.0.1", 0, bootstrap=[boot.address])
+    first = pt.DhtRegistry("127.0.0.1", 0, [boot.address], ksize=8, rpc_timeout=0.5)
+    await first.start()
     await first.claim_username("alice", owner, SEALED)
     await first.stop()
     for _ in range(4):  # the vote was lost 18 times in 20 before
-        impostor = pt.DhtRegistry(ksize=8, rpc_timeout=0.5)
-        await impostor.start("127.0.0.1", 0, bootstrap=[boot.address])
+        impostor = pt.DhtRegistry(
+            "127.0.0.1", 0, [boot.address], ksize=8, rpc_timeout=0.5
+        )
+        await impostor.start()
         try:
             with pytest.raises(pt.UsernameTaken):
                 await impostor.claim_username("alice", pt.Identity.generate(), SEALED)

@@ -299,6 +299,134 @@ async def test_stop_is_idempotent_and_frees_the_port(network: NetworkFactory) ->
         node.address  # noqa: B018
 
 
+async def test_async_with_starts_and_stops_a_registry() -> None:
+    """A registry configured with host, port and bootstrap nodes starts on
+    entering ``async with`` and is stopped, its port freed, on leaving it."""
+    async with pt.DhtRegistry("127.0.0.1", 0, ksize=8) as boot:
+        host, port = boot.address
+        async with pt.DhtRegistry("127.0.0.1", 0, [boot.address], ksize=8) as node:
+            assert node.neighbors() == [boot.address]
+            alice = await register(node, "alice")
+            assert await boot.get_public_key("alice") == alice.public_key
+    with pytest.raises(pt.UsageError):
+        boot.address  # noqa: B018
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, port))
+
+
+async def test_start_arguments_take_the_place_of_the_constructors(
+    network: NetworkFactory,
+) -> None:
+    """start(host, port, bootstrap) overrides what the registry was built
+    with, for later starts too; the registry can be started again after
+    stop()."""
+    (boot,) = await network(1)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken_port = taken.getsockname()[1]
+        node = pt.DhtRegistry("127.0.0.1", taken_port, ksize=8)
+        await node.start("127.0.0.1", 0, [boot.address])
+        try:
+            assert node.address[1] != taken_port
+            assert node.neighbors() == [boot.address]
+            await node.stop()
+            await node.start()  # port 0 and the bootstrap node given to start()
+            assert node.address[1] != taken_port
+            alice = await register(node, "alice")
+            assert await boot.get_public_key("alice") == alice.public_key
+        finally:
+            await node.stop()
+
+
+async def test_a_taken_port_is_a_listen_error_naming_the_address() -> None:
+    """Starting on a UDP port another socket holds raises ListenError (a
+    NetworkError, not RegistryUnavailable) naming the address; nothing is
+    left open."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        node = pt.DhtRegistry("127.0.0.1", port)
+        with pytest.raises(pt.ListenError) as caught:
+            async with node:
+                pytest.fail("started on a taken port")
+    error = caught.value
+    assert error.address == ("127.0.0.1", port)
+    assert f"cannot listen on UDP 127.0.0.1:{port}: " in str(error)
+    assert "in use" in str(error)
+    assert isinstance(error, pt.NetworkError)
+    assert not isinstance(error, pt.RegistryUnavailable)
+    with pytest.raises(pt.UsageError):
+        node.address  # noqa: B018
+    with pytest.raises(pt.UsageError):
+        pt.DhtRegistry("127.0.0.1", 70000)
+
+
+async def test_a_cancelled_stop_still_frees_the_port_and_the_tasks(
+    network: NetworkFactory,
+) -> None:
+    """stop() cancelled while it waits for its tasks still closes the socket
+    and cancels every task: the lease and the maintenance."""
+    nodes = await network(3)
+    alice = await register(nodes[1], "alice")
+    node = nodes[1]
+    await node.set_presence("alice", alice, ("127.0.0.1", 1111), online=True)
+    await node.set_presence("alice", alice, ("127.0.0.1", 1112), online=True)
+    tasks = node._tasks
+    assert len(tasks) == 2  # maintenance, and one lease (renewed, replaced)
+    protocol = node._started().protocol
+    host, port = node.address
+    stopping = asyncio.create_task(node.stop())
+    await asyncio.sleep(0)  # stop() now waits for its tasks to end
+    stopping.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await stopping
+    assert protocol.transport is None
+    await eventually(lambda: len(tasks) == 0)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, port))
+
+
+async def test_a_cancelled_start_leaves_nothing_open() -> None:
+    """start() cancelled while it joins (through a node that never answers)
+    closes the socket it had bound."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # bound, never answering
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        node = pt.DhtRegistry(
+            "127.0.0.1", port, [silent.getsockname()], rpc_timeout=5.0
+        )
+        starting = asyncio.create_task(node.start())
+        await eventually(lambda: node._node is not None)  # bound, now joining
+        starting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await starting
+    with pytest.raises(pt.UsageError):
+        node.address  # noqa: B018
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+async def test_follow_entries_are_stamped_by_the_clock_given(
+    network: NetworkFactory,
+) -> None:
+    """A registry given a hybrid clock (the peer's) stamps follow entries
+    with it: they order after anything that clock stamped before."""
+    nodes = await network(4)
+    hlc = pt.HybridLogicalClock(lambda: int(time.time() * 1000))
+    ahead = pt.HybridTimestamp(physical_ms=int(time.time() * 1000) + 30_000, logical=0)
+    hlc.observe(ahead)  # e.g. a post received from a peer 30 s ahead
+    async with pt.DhtRegistry(
+        "127.0.0.1", 0, [nodes[0].address], ksize=8, hlc=hlc
+    ) as node:
+        alice = await register(node, "alice")
+        await register(nodes[1], "bob")
+        entry = await node.follow("alice", "bob", alice)
+    assert entry.timestamp > ahead
+    assert hlc.last == entry.timestamp
+
+
 async def test_a_node_back_with_its_id_replaces_its_old_address(
     network: NetworkFactory,
 ) -> None:
