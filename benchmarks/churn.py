@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import bounded, header, with_retries
 
 import p2ptimeline as pt
-from p2ptimeline.testing import crash
+from p2ptimeline.testing import LocalNetwork, crash, local_network
 
 CONFIG = pt.PeerConfig(seal_cost=10, ksize=8, lease=30.0, pull_interval=30.0)
 
@@ -45,10 +45,8 @@ CONFIG = pt.PeerConfig(seal_cost=10, ksize=8, lease=30.0, pull_interval=30.0)
 class World:
     """The peers, who is online, and every post ever made (the truth)."""
 
-    def __init__(
-        self, boot: list[pt.DhtRegistry], root: Path, rng: random.Random
-    ) -> None:
-        self.addresses = [b.address for b in boot]
+    def __init__(self, net: LocalNetwork, root: Path, rng: random.Random) -> None:
+        self.net = net
         self.root = root
         self.rng = rng
         self.peers: dict[str, pt.Peer] = {}
@@ -57,21 +55,10 @@ class World:
         self.posts: dict[str, list[bytes]] = collections.defaultdict(list)
         self.actions: collections.Counter[str] = collections.Counter()
 
-    def new_peer(self, name: str) -> pt.Peer:
-        return pt.Peer(
-            "127.0.0.1",
-            0,
-            self.addresses,
-            data_dir=self.root / name,
-            clock=pt.ClockSync(servers=[]),
-            config=CONFIG,
-        )
-
     async def join(self, name: str, *, new: bool = False) -> None:
         """Start a peer on the user's data directory: register the user if
         `new`, else log in."""
-        peer = self.new_peer(name)
-        await peer.start()
+        peer = await self.net.add_peer(data_dir=self.root / name)
         try:
             if new:
                 try:
@@ -233,101 +220,97 @@ async def main() -> None:
     rng = random.Random(args.seed)
     cpu0 = time.process_time()
     started = time.monotonic()
-    boot: list[pt.DhtRegistry] = []
-    for _ in range(3):
-        node = pt.DhtRegistry(ksize=8)
-        await node.start("127.0.0.1", 0, bootstrap=[b.address for b in boot])
-        boot.append(node)
     with tempfile.TemporaryDirectory() as tmp:
-        world = World(boot, Path(tmp), rng)
-        names = [f"user{i}" for i in range(args.peers)]
-        # Setup on one loaded event loop: operations that fail (the DHT
-        # timing out) are tried again, and counted.
-        errors: collections.Counter[str] = collections.Counter()
-        failed = await with_retries(
-            lambda n: world.join(n, new=True), names, 16, errors
-        )
-        if failed:
-            raise SystemExit(f"could not register {failed}: {dict(errors)}")
-        pairs = [
-            (name, other)
-            for name in names
-            for other in rng.sample([n for n in names if n != name], args.follows)
-        ]
+        async with local_network(bootstrap_nodes=3, config=CONFIG) as net:
+            await soak(World(net, Path(tmp), rng), args, started, cpu0)
 
-        async def follow(pair: tuple[str, str]) -> None:
-            await world.peers[pair[0]].follow(pair[1])
-            world.following[pair[0]].add(pair[1])
 
-        unfollowed = await with_retries(follow, pairs, 16, errors)
-        setup = time.monotonic() - started
-        print(
-            f"setup: {args.peers} peers, {len(pairs) - len(unfollowed)} follows "
-            f"({len(unfollowed)} failed 3 times) in {setup:.0f} s; errors, tried "
-            f"again: {dict(errors) or 'none'}; churn for {args.seconds:.0f} s at "
-            f"{args.post_rate} posts/s"
-        )
+async def soak(
+    world: World, args: argparse.Namespace, started: float, cpu0: float
+) -> None:
+    """Set up the users, churn, count what every user holds; print the report."""
+    rng = world.rng
+    names = [f"user{i}" for i in range(args.peers)]
+    # Setup on one loaded event loop: operations that fail (the DHT
+    # timing out) are tried again, and counted.
+    errors: collections.Counter[str] = collections.Counter()
+    failed = await with_retries(lambda n: world.join(n, new=True), names, 16, errors)
+    if failed:
+        raise SystemExit(f"could not register {failed}: {dict(errors)}")
+    pairs = [
+        (name, other)
+        for name in names
+        for other in rng.sample([n for n in names if n != name], args.follows)
+    ]
 
-        await churn(world, args.seconds, args.post_rate)
+    async def follow(pair: tuple[str, str]) -> None:
+        await world.peers[pair[0]].follow(pair[1])
+        world.following[pair[0]].add(pair[1])
 
-        # Those online hold what was pushed to them or pulled at login and
-        # periodically; give the last pushes and pulls one pull interval.
-        mark = time.monotonic()
-        online = world.online()
-        live = await tally(world, online)
-        while live.incomplete() and time.monotonic() - mark < 31:
-            await asyncio.sleep(1.0)  # pulls run every 30 s: poll those missing
-            live = await tally(world, live.incomplete(), since=live)
-        settle = time.monotonic() - mark
+    unfollowed = await with_retries(follow, pairs, 16, errors)
+    setup = time.monotonic() - started
+    print(
+        f"setup: {args.peers} peers, {len(pairs) - len(unfollowed)} follows "
+        f"({len(unfollowed)} failed 3 times) in {setup:.0f} s; errors, tried "
+        f"again: {dict(errors) or 'none'}; churn for {args.seconds:.0f} s at "
+        f"{args.post_rate} posts/s"
+    )
 
-        # Everyone comes back and syncs, until nothing is missing or a sync
-        # round brings nothing new (a pull that fails under load is only
-        # logged: the next round tries again).
-        for name in sorted(world.offline):
-            await world.join(name)
-        rounds: list[str] = []
-        final = await tally(world, names)
-        rounds_start = final.share()
-        while final.delivered < final.expected and len(rounds) < 5:
-            await bounded(lambda n: world.peers[n].sync(), names, 16)
-            before, final = final, await tally(world, names)
-            rounds.append(final.share())
-            if final.delivered == before.delivered:
-                break
-        expected, delivered, lost = final.expected, final.delivered, final.lost
-        missing = final.missing
-        rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        cpu = time.process_time() - cpu0
-        wall = time.monotonic() - started
-        print()
-        print("| figure | value |")
-        print("|---|---|")
-        print(f"| peers | {args.peers} |")
-        print(f"| churn duration | {args.seconds:.0f} s |")
-        for action, count in sorted(world.actions.items()):
-            print(f"| {action} | {count} |")
-        print(
-            f"| delivery at the {len(online)} peers online when churn ended, "
-            f"{settle:.0f} s later, before any sync | {live.share()} |"
-        )
-        print(f"| posts expected at followers | {expected} |")
-        print(f"| delivery after all came back and logged in | {rounds_start} |")
-        for i, round_share in enumerate(rounds, 1):
-            print(f"| delivery after sync round {i} | {round_share} |")
-        print(f"| lost posts (not held by their author) | {lost} |")
-        print(
-            f"| peak RSS | {rss_mb:.0f} MiB ({rss_mb / args.peers:.2f} MiB per peer) |"
-        )
-        load = 100 * cpu / wall
-        print(f"| CPU | {cpu:.0f} s over {wall:.0f} s wall ({load:.0f}% of a core) |")
-        print()
-        verdict = "met" if delivered == expected and lost == 0 else "NOT met"
-        print(f"targets (100% delivery, 0 lost posts): {verdict}")
-        if missing:
-            print("missing by followee:", dict(missing.most_common(10)))
-        await bounded(lambda p: p.stop(), list(world.peers.values()), 16)
-    for node in boot:
-        await node.stop()
+    await churn(world, args.seconds, args.post_rate)
+
+    # Those online hold what was pushed to them or pulled at login and
+    # periodically; give the last pushes and pulls one pull interval.
+    mark = time.monotonic()
+    online = world.online()
+    live = await tally(world, online)
+    while live.incomplete() and time.monotonic() - mark < 31:
+        await asyncio.sleep(1.0)  # pulls run every 30 s: poll those missing
+        live = await tally(world, live.incomplete(), since=live)
+    settle = time.monotonic() - mark
+
+    # Everyone comes back and syncs, until nothing is missing or a sync
+    # round brings nothing new (a pull that fails under load is only
+    # logged: the next round tries again).
+    for name in sorted(world.offline):
+        await world.join(name)
+    rounds: list[str] = []
+    final = await tally(world, names)
+    rounds_start = final.share()
+    while final.delivered < final.expected and len(rounds) < 5:
+        await bounded(lambda n: world.peers[n].sync(), names, 16)
+        before, final = final, await tally(world, names)
+        rounds.append(final.share())
+        if final.delivered == before.delivered:
+            break
+    expected, delivered, lost = final.expected, final.delivered, final.lost
+    missing = final.missing
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cpu = time.process_time() - cpu0
+    wall = time.monotonic() - started
+    print()
+    print("| figure | value |")
+    print("|---|---|")
+    print(f"| peers | {args.peers} |")
+    print(f"| churn duration | {args.seconds:.0f} s |")
+    for action, count in sorted(world.actions.items()):
+        print(f"| {action} | {count} |")
+    print(
+        f"| delivery at the {len(online)} peers online when churn ended, "
+        f"{settle:.0f} s later, before any sync | {live.share()} |"
+    )
+    print(f"| posts expected at followers | {expected} |")
+    print(f"| delivery after all came back and logged in | {rounds_start} |")
+    for i, round_share in enumerate(rounds, 1):
+        print(f"| delivery after sync round {i} | {round_share} |")
+    print(f"| lost posts (not held by their author) | {lost} |")
+    print(f"| peak RSS | {rss_mb:.0f} MiB ({rss_mb / args.peers:.2f} MiB per peer) |")
+    load = 100 * cpu / wall
+    print(f"| CPU | {cpu:.0f} s over {wall:.0f} s wall ({load:.0f}% of a core) |")
+    print()
+    verdict = "met" if delivered == expected and lost == 0 else "NOT met"
+    print(f"targets (100% delivery, 0 lost posts): {verdict}")
+    if missing:
+        print("missing by followee:", dict(missing.most_common(10)))
 
 
 if __name__ == "__main__":
