@@ -41,7 +41,7 @@ from .dissemination import Disseminator
 from .inbox import Inbox
 from .pull import Puller
 from .session import Sessions, check_name
-from .transport import Address, Transport, TransportWrapper
+from .transport import Address, PoolTransport, Transport, TransportWrapper
 from .wire import (
     FollowNotice,
     GetPosts,
@@ -212,7 +212,7 @@ class Peer:
                 server,
                 ConnectionPool(context.serializer, config.limits),
             )
-            own: Transport = _OwnTransport(self._pool, self._dispatch)
+            own: Transport = PoolTransport(self._pool, self._dispatch)
             transport = self._wrap(own) if self._wrap else own
             context.started = (registry, transport, (self._advertised_host, port))
             return
@@ -558,24 +558,6 @@ class Peer:
         if started is None:
             return Refusal(reason="the peer is stopping")
         return await started[1].answer(message, remote)
-
-
-class _OwnTransport(Transport):
-    """A peer's own transport: requests over its pool, answers by its table."""
-
-    def __init__(
-        self,
-        pool: ConnectionPool,
-        dispatch: Callable[[Message, Address], Awaitable[Message]],
-    ) -> None:
-        self._pool = pool
-        self._dispatch = dispatch
-
-    async def request(self, address: Address, message: Message) -> Message:
-        return await self._pool.request(address, message)
-
-    async def answer(self, message: Message, remote: Address) -> Message:
-        return await self._dispatch(message, remote)
 
 
 def _is_wildcard(host: str) -> bool:

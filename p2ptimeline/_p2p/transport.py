@@ -19,11 +19,12 @@ direction without reaching into the peer::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from .connection import ConnectionPool
 from .wire import Message
 
-__all__ = ["Address", "Transport", "TransportWrapper"]
+__all__ = ["Address", "PoolTransport", "Transport", "TransportWrapper"]
 
 Address = tuple[str, int]
 """``(host, port)`` of a peer."""
@@ -57,3 +58,21 @@ class Transport:
 TransportWrapper = Callable[[Transport], Transport]
 """What `Peer(transport=...)` takes: makes a transport around the peer's own
 (a `Transport` subclass is one)."""
+
+
+class PoolTransport(Transport):
+    """A peer's own transport: requests over its pool, answers by its table."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        dispatch: Callable[[Message, Address], Awaitable[Message]],
+    ) -> None:
+        self._pool = pool
+        self._dispatch = dispatch
+
+    async def request(self, address: Address, message: Message) -> Message:
+        return await self._pool.request(address, message)
+
+    async def answer(self, message: Message, remote: Address) -> Message:
+        return await self._dispatch(message, remote)
