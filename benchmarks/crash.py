@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import logging
 import random
 import shutil
@@ -51,6 +52,7 @@ from _common import header, percentile
 from crash_probe import Probe
 
 import p2ptimeline as pt
+from p2ptimeline.testing import local_network
 
 CONFIG = pt.PeerConfig(seal_cost=10, ksize=8, pull_interval=3600.0)
 AUTHOR, READER, PASSWORD = "author", "reader", "correct horse"
@@ -125,25 +127,18 @@ async def main() -> None:
     reader_lacked: list[int] = []  # confirmed posts missing at each restart
     bad_exits = in_flight_kept = 0
 
-    boot = pt.DhtRegistry(ksize=8)
-    await boot.start("127.0.0.1", 0)
-    with tempfile.TemporaryDirectory() as tmp:
+    async with contextlib.AsyncExitStack() as stack:  # the network stops first
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        net = await stack.enter_async_context(local_network(config=CONFIG))
+        (boot,) = net.bootstrap
         data_dir, scratch = Path(tmp) / "author", Path(tmp) / "copy"
-        reader = pt.Peer(
-            "127.0.0.1",
-            0,
-            [boot.address],
-            data_dir=Path(tmp) / "reader",
-            clock=pt.ClockSync(servers=[]),
-            config=CONFIG,
-        )
-        await reader.start()
+        reader = await net.add_peer(data_dir=Path(tmp) / "reader")
         await reader.register(READER, PASSWORD)
 
         async def restart(round_: int) -> Probe:
             """Start the probe; check what it holds and that it serves."""
             t0 = time.monotonic()
-            probe = await Probe.start(data_dir, boot.address, AUTHOR, PASSWORD, READER)
+            probe = await Probe.start(data_dir, boot, AUTHOR, PASSWORD, READER)
             held = set(await probe.line("held"))
             ready_times.append(time.monotonic() - t0)
             last_held.clear()
@@ -190,19 +185,12 @@ async def main() -> None:
         probe = await restart(args.rounds)
         reader_held = {p.id.hex() for p in await reader.timeline(limit=100_000)}
         await reader.stop()
-        async with pt.Peer(
-            "127.0.0.1",
-            0,
-            [boot.address],
-            clock=pt.ClockSync(servers=[]),
-            config=CONFIG,
-        ) as newcomer:
-            await newcomer.register("newcomer", PASSWORD)
-            await newcomer.follow(AUTHOR)
-            _, newcomer_took = await reader_catch_up(newcomer, set(confirmed))
+        (newcomer,) = await net.add_users("newcomer", password=PASSWORD)
+        await newcomer.follow(AUTHOR)
+        _, newcomer_took = await reader_catch_up(newcomer, set(confirmed))
+        await newcomer.stop()
         await probe.kill()
         final = integrity_check(data_dir / "peer.db")
-    await boot.stop()
     wall = time.monotonic() - started
 
     lost = sum(lost_by_round.values())
