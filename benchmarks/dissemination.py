@@ -1,8 +1,8 @@
 """Dissemination benchmark: the k-ary push tree against direct sends, churn, catch-up.
 
 All peers run in this process on 127.0.0.1 (ports chosen by the OS), joined
-through one bootstrap `DhtRegistry`, with in-memory stores and no NTP. In one
-run:
+through one bootstrap `DhtRegistry`, with in-memory stores and no NTP (a
+`p2ptimeline.testing.local_network`). In one run:
 
 * tree: one author and N online followers (each subscribed with
   `Peer.incoming()`); the author posts P times with `Peer.post`, one post at a
@@ -13,7 +13,7 @@ run:
 * naive baseline, on the same network, interleaved with the tree posts: the
   author sends each post itself to every follower, one `PostPush` each
   carrying only that follower (all at once, or `--naive-concurrency` at a
-  time), through its own connection pool;
+  time), through its own transport;
 * churn: 20% of the followers, chosen at random, crash (no logout: their
   presence leases stay valid, so the author still plans them into trees);
   then P more posts of each kind. Delivery counts the live followers only;
@@ -43,7 +43,7 @@ table's last column counts the followers it does not know (left out of its
 trees and of the baseline's sends).
 
 Frames are the `PostPush` requests each peer makes (every try counts, those
-to crashed peers included), counted by wrapping each peer's connection pool.
+to crashed peers included), counted by wrapping each peer's transport.
 A new post starts only when every peer has finished forwarding the previous
 one. Everything runs on one event loop, so a latency here is the CPU time of
 every peer a post passes through, on a machine shared by all of them.
@@ -68,7 +68,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import attrs
@@ -78,8 +78,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import bounded, header, percentile, with_retries
 
 import p2ptimeline as pt
+from p2ptimeline._p2p.context import Session
+from p2ptimeline._p2p.pull import Puller
+from p2ptimeline._p2p.transport import Address, Transport, TransportWrapper
 from p2ptimeline._p2p.wire import Message, PostPush, TreeMember
-from p2ptimeline.testing import crash
+from p2ptimeline.testing import LocalNetwork, crash, local_network
 
 HOST = "127.0.0.1"
 SETUP_CONCURRENCY = 32
@@ -109,24 +112,25 @@ class Observer:
         self._waiting: dict[bytes, tuple[frozenset[str], asyncio.Event]] = {}
         self._consumers: list[asyncio.Task[None]] = []
 
-    def count_pushes(self, name: str, peer: pt.Peer) -> None:
-        """Count every `PostPush` that `peer` sends, per post (as tests do)."""
-        assert peer._pool is not None
-        request = peer._pool.request
+    def counting(self, name: str) -> TransportWrapper:
+        """A `Peer(transport=...)` counting every `PostPush` that the peer of
+        user `name` sends, per post (as tests do)."""
+        frames = self.frames
 
-        async def counting(address: tuple[str, int], message: Message) -> Message:
-            if isinstance(message, PostPush):
-                self.frames[message.post.id][name] += 1
-            return await request(address, message)
+        class Counting(Transport):
+            async def request(self, address: Address, message: Message) -> Message:
+                if isinstance(message, PostPush):
+                    frames[message.post.id][name] += 1
+                return await super().request(address, message)
 
-        peer._pool.request = counting  # type: ignore[method-assign]
+        return Counting
 
-    async def subscribe(self, peers: dict[pt.Peer, str]) -> None:
-        """One consumer of `incoming()` per peer (its user's name given);
-        returns once all listen."""
+    def subscribe(self, peers: dict[pt.Peer, str]) -> None:
+        """One consumer of `incoming()` per peer (its user's name given); each
+        listens from now on."""
 
-        async def consume(peer: pt.Peer, name: str) -> None:
-            async for post in peer.incoming():
+        async def consume(stream: AsyncIterator[pt.Post], name: str) -> None:
+            async for post in stream:
                 arrived = self.arrivals[post.id]
                 arrived[name] = time.perf_counter()
                 waiting = self._waiting.get(post.id)
@@ -134,9 +138,9 @@ class Observer:
                     waiting[1].set()
 
         self._consumers += [
-            asyncio.create_task(consume(p, name)) for p, name in peers.items()
+            asyncio.create_task(consume(p.incoming(), name))
+            for p, name in peers.items()
         ]
-        await wait_until(lambda: all(p._subscribers for p in peers), 10.0)
 
     def expect(self, post_id: bytes, receivers: frozenset[str]) -> asyncio.Event:
         """An event set once all of `receivers` have `post_id`."""
@@ -240,7 +244,7 @@ def seconds(value: float) -> str:
 class Network:
     """An author, its followers, and everything needed to stop them."""
 
-    boot: pt.DhtRegistry
+    local: LocalNetwork
     author: pt.Peer
     followers: list[pt.Peer]
     names: dict[pt.Peer, str]
@@ -258,7 +262,7 @@ class Network:
         await bounded(
             lambda p: p.stop(), [self.author, *self.followers], SETUP_CONCURRENCY * 2
         )
-        await self.boot.stop()
+        await self.local.aclose()  # the bootstrap node, and the peers left out
         return time.perf_counter() - started
 
 
@@ -274,41 +278,42 @@ def no_pull_on_follow(skip: bool) -> Iterator[None]:
     if not skip:
         yield
         return
-    pull = pt.Peer._pull
+    pull = Puller.pull
 
-    async def no_pull(self: pt.Peer, author: str) -> int:
+    async def no_pull(self: Puller, author: str) -> int:
         return 0
 
-    pt.Peer._pull = no_pull  # type: ignore[method-assign]
+    Puller.pull = no_pull  # type: ignore[method-assign]
     try:
         yield
     finally:
-        pt.Peer._pull = pull  # type: ignore[method-assign]
+        Puller.pull = pull  # type: ignore[method-assign]
+
+
+def session(peer: pt.Peer) -> Session:
+    """The session of the user logged in on `peer`."""
+    session = peer._context.session
+    assert session is not None
+    return session
 
 
 def busy_session(peer: pt.Peer) -> bool:
     """Whether `peer` runs session tasks other than its periodic ones."""
-    session = peer._session
-    return session is not None and any(
-        task.get_coro().__name__ != "_every"  # type: ignore[union-attr]
-        for task in session.tasks
+    current = peer._context.session
+    return current is not None and any(
+        not isinstance(task, asyncio.Task) or task.get_name() != "every"
+        for task in current.tasks._tasks
     )
+
+
+def forwarding(peer: pt.Peer) -> bool:
+    """Whether `peer` is still pushing its own post or forwarding others'."""
+    return bool(len(peer._context.tasks) or len(peer._disseminator._relays))
 
 
 def progress(message: str) -> None:
     """A progress note on stderr (stdout is the report)."""
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def make_peer(boot: pt.DhtRegistry, config: pt.PeerConfig) -> pt.Peer:
-    return pt.Peer(
-        HOST,
-        0,
-        [boot.address],
-        clock=pt.ClockSync(servers=[]),
-        store=pt.MemoryStore(),
-        config=config,
-    )
 
 
 async def warm_up(peers: Sequence[pt.Peer], lookups: int, seed: int) -> None:
@@ -334,15 +339,16 @@ async def warm_up(peers: Sequence[pt.Peer], lookups: int, seed: int) -> None:
 
 
 async def start_network(
+    local: LocalNetwork,
     followers: int,
-    config: pt.PeerConfig,
     errors: collections.Counter[str],
     *,
     lookups: int,
     pull_on_follow: bool,
     seed: int,
 ) -> tuple[Network, dict[str, float]]:
-    """Start, register and subscribe an author and its followers; timings.
+    """Start, register and subscribe an author and its followers on `local`;
+    timings.
 
     `lookups` < 0 skips the warm-up. Registrations and follows that fail are
     tried again (their errors are counted in `errors`); followers that still
@@ -350,12 +356,16 @@ async def start_network(
     """
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    boot = pt.DhtRegistry(ksize=config.ksize)
-    await boot.start(HOST, 0)
-    peers = [make_peer(boot, config) for _ in range(followers + 1)]
-    # The author first, so that the followers' DHT lookups can find it.
-    await peers[0].start()
-    await bounded(lambda p: p.start(), peers[1:], SETUP_CONCURRENCY)
+    observer = Observer()
+    # The author first, so that the followers' DHT lookups can find it; then
+    # the followers, `SETUP_CONCURRENCY` at a time (the network's concurrency).
+    peers = [await local.add_peer(transport=observer.counting("author"))]
+    peers += await asyncio.gather(
+        *(
+            local.add_peer(transport=observer.counting(f"fan{i}"))
+            for i in range(1, followers + 1)
+        )
+    )
     timings["start peers"] = time.perf_counter() - started
     progress(f"start peers: {timings['start peers']:.1f} s")
     if lookups >= 0:
@@ -400,12 +410,9 @@ async def start_network(
     for peer in lost:
         await peer.stop()
     peers = [p for p in peers if p not in lost]
-    observer = Observer()
-    for peer in peers:
-        observer.count_pushes(names[peer], peer)
-    await observer.subscribe({p: names[p] for p in peers[1:]})
+    observer.subscribe({p: names[p] for p in peers[1:]})
     net = Network(
-        boot=boot,
+        local=local,
         author=peers[0],
         followers=peers[1:],
         names=names,
@@ -429,19 +436,16 @@ async def naive_send(
 ) -> tuple[pt.Post, Awaitable[int]]:
     """The author sends the post to each online follower itself."""
     author = net.author
-    session = author._session
-    assert session is not None
-    assert author._pool is not None
-    post = pt.Post.create(session.identity, "author", text, author._hlc.now())
-    await author._store.add([post])
-    members = await author._online_followers(session)
-    request = author._pool.request
+    context, mine = author._context, session(author)
+    post = pt.Post.create(mine.identity, "author", text, context.hlc.now())
+    await context.store.add([post])
+    members = await author._disseminator._online_followers(mine)
     slots = asyncio.Semaphore(concurrency or len(members) or 1)
 
     async def send(member: TreeMember) -> None:
         push = PostPush(post=post, fanout=author.config.fanout, tree=(member,))
         async with slots:
-            await request((member.host, member.port), push)
+            await context.request((member.host, member.port), push)
 
     async def send_all() -> int:
         results = await asyncio.gather(
@@ -460,8 +464,7 @@ async def deliver(net: Network, send: Send, text: str, deadline: float) -> Deliv
     knows of; its figures."""
     live = net.live
     names = {net.names[p] for p in live}
-    assert net.author._session is not None
-    expected = frozenset(names & net.author._session.directory.names())
+    expected = frozenset(names & session(net.author).directory.names())
     observer = net.observer
     started = time.perf_counter()
     post, sending = await send(net, text)
@@ -470,7 +473,7 @@ async def deliver(net: Network, send: Send, text: str, deadline: float) -> Deliv
     busy = [net.author, *live]
 
     def idle() -> bool:
-        return sent.done() and not any(p._tasks for p in busy)
+        return sent.done() and not any(map(forwarding, busy))
 
     # Until every expected follower has it, or no peer is forwarding it any more
     # (a lost subtree: nothing else would come, pulls being hourly). Then let
@@ -523,9 +526,8 @@ async def presence_refresh(net: Network, within: float) -> tuple[float, int, int
     Returns the seconds it took (at most `within`), the reads done, and the
     reads there were to do."""
     author = net.author
-    session = author._session
-    assert session is not None
-    known = (session.directory.get(net.names[f]) for f in net.live)
+    directory = session(author).directory
+    known = (directory.get(net.names[f]) for f in net.live)
     keys = [f.public_key for f in known if f is not None]
     started = time.perf_counter()
     slots = asyncio.Semaphore(16)
@@ -569,14 +571,13 @@ async def catch_up(
     Returns each round, the setup time and the posting time of the last round.
     """
     started = time.perf_counter()
-    boot = pt.DhtRegistry(ksize=config.ksize)
-    await boot.start(HOST, 0)
-    peers = [make_peer(boot, config) for _ in range(followees + 1)]
-    reader, authors = peers[0], peers[1:]
     results: list[CatchUp] = []
     posting_s = 0.0
-    try:
-        await bounded(lambda p: p.start(), peers, SETUP_CONCURRENCY)
+    async with local_network(
+        followees + 1, config=config, concurrency=SETUP_CONCURRENCY
+    ) as local:
+        peers = local.peers
+        reader, authors = peers[0], peers[1:]
         if lookups >= 0:
             await warm_up(peers, lookups, seed)
         await bounded(
@@ -599,7 +600,7 @@ async def catch_up(
                     await author.post(f"round {round_} post {i} by {author.username}")
 
             await asyncio.gather(*(write(a) for a in authors))
-            await wait_until(lambda: not any(a._tasks for a in authors), 60.0)
+            await wait_until(lambda: not any(map(forwarding, authors)), 60.0)
             posting_s = time.perf_counter() - mark
             mark = time.perf_counter()
             await reader.login("reader", "correct horse")
@@ -614,9 +615,6 @@ async def catch_up(
             )
             have = total
             progress(f"catch-up round {round_ + 1}: login {login_s:.2f} s")
-    finally:
-        await bounded(lambda p: p.stop(), peers, SETUP_CONCURRENCY * 2)
-        await boot.stop()
     return results, setup_s, posting_s
 
 
@@ -709,69 +707,73 @@ async def main() -> None:
     )
 
     started = time.perf_counter()
-    errors: collections.Counter[str] = collections.Counter()
-    net, timings = await start_network(
-        args.followers,
-        config,
-        errors,
-        lookups=args.warm_up_lookups,
-        pull_on_follow=args.pull_on_follow,
-        seed=args.seed,
-    )
-    assert net.author._session is not None
-    notified = len(net.author._session.directory)
-    # Follow notices lost under the setup's load are made up by the author's
-    # periodic re-read of its followers (every pull_interval: an hour here);
-    # run it once, as it would have run in an hour.
-    await with_retries(lambda _: net.author._reread_followers(), [None], 1, errors)
-    setup_s = time.perf_counter() - started
-    known = len(net.author._session.directory)
-    print(
-        f"setup of {args.followers + 1:,} peers: {setup_s:.1f} s ("
-        + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
-        + "); errors, tried again: "
-        + (", ".join(f"{n} {k}" for k, n in errors.most_common()) or "none")
-        + f"; followers in the end: {len(net.followers):,}, of which the author "
-        f"knows {known:,} ({notified:,} from follow notices, the others from "
-        "its re-read of its followers in the registry)"
-    )
-    # A thousand peers' objects make a full collection take a while, a pause
-    # no real peer sees: move them out of the collector's sight.
-    gc.collect()
-    gc.freeze()
-    phases: list[Phase] = []
-    try:
-        # A post uses one of 2k trees; the first post down each one opens the
-        # connections along its edges, which the later ones reuse.
-        phases += await measure(
-            net,
-            "all online, first post down each tree",
-            2 * args.fanout,
-            args.naive_concurrency,
-            args.deadline,
+    async with local_network(
+        config=config, concurrency=SETUP_CONCURRENCY
+    ) as local:  # net.stop() closes it: timed as the teardown
+        errors: collections.Counter[str] = collections.Counter()
+        net, timings = await start_network(
+            local,
+            args.followers,
+            errors,
+            lookups=args.warm_up_lookups,
+            pull_on_follow=args.pull_on_follow,
+            seed=args.seed,
         )
-        phases += await measure(
-            net, "all online", args.posts, args.naive_concurrency, args.deadline
+        notified = len(session(net.author).directory)
+        # Follow notices lost under the setup's load are made up by the author's
+        # periodic re-read of its followers (every pull_interval: an hour here);
+        # run it once, as it would have run in an hour.
+        await with_retries(
+            lambda _: net.author._sessions.reread_followers(), [None], 1, errors
         )
-        victims = random.Random(args.seed).sample(
-            net.followers, round(args.churn * len(net.followers))
+        setup_s = time.perf_counter() - started
+        known = len(session(net.author).directory)
+        print(
+            f"setup of {args.followers + 1:,} peers: {setup_s:.1f} s ("
+            + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())
+            + "); errors, tried again: "
+            + (", ".join(f"{n} {k}" for k, n in errors.most_common()) or "none")
+            + f"; followers in the end: {len(net.followers):,}, of which the author "
+            f"knows {known:,} ({notified:,} from follow notices, the others from "
+            "its re-read of its followers in the registry)"
         )
-        mark = time.perf_counter()
-        for victim in victims:
-            await crash(victim)
-            net.crashed.add(victim)
-        crash_s = time.perf_counter() - mark
-        phases += await measure(
-            net,
-            f"{100 * args.churn:g}% crashed",
-            args.posts,
-            args.naive_concurrency,
-            args.deadline,
-        )
-        refresh_s, reads, to_read = await presence_refresh(net, 120.0)
-    finally:
-        gc.unfreeze()
-        teardown_s = await net.stop()
+        # A thousand peers' objects make a full collection take a while, a pause
+        # no real peer sees: move them out of the collector's sight.
+        gc.collect()
+        gc.freeze()
+        phases: list[Phase] = []
+        try:
+            # A post uses one of 2k trees; the first post down each one opens the
+            # connections along its edges, which the later ones reuse.
+            phases += await measure(
+                net,
+                "all online, first post down each tree",
+                2 * args.fanout,
+                args.naive_concurrency,
+                args.deadline,
+            )
+            phases += await measure(
+                net, "all online", args.posts, args.naive_concurrency, args.deadline
+            )
+            victims = random.Random(args.seed).sample(
+                net.followers, round(args.churn * len(net.followers))
+            )
+            mark = time.perf_counter()
+            for victim in victims:
+                await crash(victim)
+                net.crashed.add(victim)
+            crash_s = time.perf_counter() - mark
+            phases += await measure(
+                net,
+                f"{100 * args.churn:g}% crashed",
+                args.posts,
+                args.naive_concurrency,
+                args.deadline,
+            )
+            refresh_s, reads, to_read = await presence_refresh(net, 120.0)
+        finally:
+            gc.unfreeze()
+            teardown_s = await net.stop()
     await asyncio.sleep(0.1)  # let the stopped peers' last tasks see their sockets
     print(
         f"{len(victims)} followers crashed in {crash_s:.1f} s; "
