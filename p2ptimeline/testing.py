@@ -56,7 +56,7 @@ __all__ = [
     "make_posts",
 ]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 StoreCheck = Callable[[LocalStore], Awaitable[None]]
 """One conformance check: given a fresh, open store, raises if it misbehaves."""
@@ -368,7 +368,7 @@ Kademlia buckets hold 8 nodes, and a DHT node that does not answer within
 is the default; derive your own with ``attrs.evolve(LOCAL_CONFIG, ...)``.
 """
 
-PASSWORD = "correct horse"
+_PASSWORD = "correct horse"
 """The password `LocalNetwork.add_users` registers users with by default."""
 
 
@@ -402,7 +402,7 @@ class LocalNetwork:
         concurrency: int,
     ) -> None:
         self.config = config
-        self.password = PASSWORD
+        self.password = _PASSWORD
         self.bootstrap: list[tuple[str, int]] = []
         self.bootstrap_nodes: list[DhtRegistry] = []
         self.peers: list[Peer] = []
@@ -651,10 +651,10 @@ async def local_network(
         await network.aclose()
 
 
-async def _all(jobs: Iterable[Awaitable[T]]) -> list[T]:
+async def _all(jobs: Iterable[Awaitable[_T]]) -> list[_T]:
     """Await `jobs` together; once all have ended, raise the first error."""
     results = await asyncio.gather(*jobs, return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result
-    return cast(list[T], results)
+    return cast(list[_T], results)
