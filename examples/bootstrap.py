@@ -24,6 +24,9 @@ import p2ptimeline as pt
 
 log = logging.getLogger("bootstrap")
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+CHATTY_LIBRARIES = ("kademlia", "rpcudp")  # what p2ptimeline's DHT is built on
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -48,7 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="INFO",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity, on stderr (%(default)s)",
+        help="the least severe log lines shown, on stderr (%(default)s; the "
+        "kademlia and rpcudp libraries' lines only from WARNING up, or at "
+        "DEBUG)",
     )
     args = parser.parse_args(argv)
     if args.count < 1:
@@ -88,12 +93,24 @@ async def run(host: str, port: int, count: int) -> int:
             loop.remove_signal_handler(signum)
 
 
+def configure_logging(level: str) -> None:
+    """Log lines on stderr from `level` up, but those of the libraries under
+    the DHT (`CHATTY_LIBRARIES`) from WARNING up unless `level` is DEBUG.
+
+    Their INFO lines narrate the protocol's inner steps, and some read as
+    trouble when there is none: kademlia's ``creating spider with peers:
+    []`` said that the first node had nobody to join yet, as it should.
+    """
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    if level != "DEBUG":
+        quieter = max(logging.WARNING, logging.getLevelNamesMapping()[level])
+        for name in CHATTY_LIBRARIES:
+            logging.getLogger(name).setLevel(quieter)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.log_level)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     return asyncio.run(run(args.host, args.port, args.count))
 

@@ -22,23 +22,27 @@ form, it comes from stdin as above.
 
 Without a terminal the exit code is 0 when every command succeeded and 1 if
 any failed; every error is one line on stderr starting with ``error:``.
+
+This file is what uses the library: the arguments, the peer, the shell and
+its commands. The terminal plumbing (the line editor that keeps the prompt
+intact while posts arrive) is in ``lineedit.py`` beside it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import codecs
 import contextlib
 import datetime
 import logging
-import os
 import signal
 import sys
-import termios
-import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Protocol, TextIO
+from typing import Protocol
+
+# lineedit.py sits beside this file, and a script's own folder is the first
+# entry of sys.path: this import works from any working directory.
+from lineedit import Interrupted, StdinLines, Terminal, log_above
 
 import p2ptimeline as pt
 
@@ -69,14 +73,12 @@ NAME_RULE = (
     "'_', '.' and '-', not starting with '.' or '-'"
 )
 LEAVE_HINT = "(type quit or press Ctrl-D to leave)"
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+CHATTY_LIBRARIES = ("kademlia", "rpcudp")  # what p2ptimeline's DHT is built on
 
 
 class CommandError(Exception):
     """A command failed; the message is the one line shown to the user."""
-
-
-class Interrupted(Exception):
-    """The user pressed Ctrl-C while asked for a line."""
 
 
 # Formatting
@@ -138,283 +140,6 @@ def about(name: str) -> Iterator[None]:
         raise CommandError(f"unknown user {name!r}") from exc
 
 
-# The terminal: a small line editor that can print above the line being typed
-
-
-class Terminal:
-    """A one-line editor on a terminal, in cbreak mode, driven by the event loop.
-
-    Unlike `input()`, it lets other output (posts arriving, log lines) be
-    printed while a line is being typed: `print_above` clears the line,
-    prints, and draws the prompt and the partial input again. Keys: the
-    arrows, Home/End, Backspace/Delete, Ctrl-A/E/B/F/U/K/W/L/P/N, Ctrl-D.
-    Ctrl-C stays a signal (the owner calls `interrupt`). Long lines scroll
-    horizontally; characters are assumed one column wide.
-    """
-
-    def __init__(self, fd: int, output: TextIO) -> None:
-        self._fd = fd
-        self._output = output
-        self._saved: list[Any] | None = None
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._pending = ""  # typed, not yet processed (type-ahead)
-        self._history: list[str] = []
-        self._line: _Edit | None = None
-
-    def __enter__(self) -> Terminal:
-        self._saved = termios.tcgetattr(self._fd)
-        self.cbreak()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._saved is not None:
-            termios.tcsetattr(self._fd, termios.TCSADRAIN, self._saved)
-            self._saved = None
-
-    def cbreak(self) -> None:
-        """Keys one by one, no echo; Ctrl-C and Ctrl-Z still send signals."""
-        mode = termios.tcgetattr(self._fd)
-        mode[3] &= ~(termios.ECHO | termios.ICANON | termios.IEXTEN)
-        mode[6][termios.VMIN] = 1
-        mode[6][termios.VTIME] = 0
-        termios.tcsetattr(self._fd, termios.TCSADRAIN, mode)
-
-    @property
-    def reading(self) -> bool:
-        """Whether a line is being read."""
-        return self._line is not None
-
-    async def read_line(self, prompt: str, *, hidden: bool = False) -> str:
-        """Show `prompt` and return the line typed (without echo if `hidden`).
-
-        Raises:
-            EOFError: Ctrl-D on an empty line, or the end of input.
-            Interrupted: `interrupt()` was called (Ctrl-C).
-        """
-        loop = asyncio.get_running_loop()
-        edit = _Edit(prompt=prompt, hidden=hidden, done=loop.create_future())
-        self._line = edit
-        self._refresh()
-        loop.add_reader(self._fd, self._on_readable)
-        try:
-            self._process()
-            return await edit.done
-        finally:
-            loop.remove_reader(self._fd)
-            if self._line is edit:
-                self._line = None
-
-    def interrupt(self, exc: BaseException, echo: str = "^C") -> None:
-        """End the line being read with `exc`; typed-ahead input is dropped."""
-        edit = self._line
-        if edit is None:
-            return
-        self._line = None
-        self._pending = ""
-        self._write(f"{echo}\n")
-        edit.done.set_exception(exc)
-
-    def print_above(self, text: str) -> None:
-        """Print `text` on its own line(s), keeping the line being typed intact."""
-        if self._line is None:
-            self._write(f"{text}\n")
-        else:
-            self._write(f"\r\x1b[K{text}\n")
-            self._refresh()
-
-    def redraw(self) -> None:
-        """Draw the line being typed again (after a resume, for example)."""
-        if self._line is not None:
-            self._refresh()
-
-    # Input
-
-    def _on_readable(self) -> None:
-        try:
-            data = os.read(self._fd, 4096)
-        except OSError:
-            data = b""
-        if not data:
-            asyncio.get_running_loop().remove_reader(self._fd)
-            edit, self._line = self._line, None
-            if edit is not None and not edit.done.done():
-                self._write("\n")
-                edit.done.set_exception(EOFError())
-            return
-        text = self._decoder.decode(data)
-        if text == "\x1b":
-            return  # a lone Escape key: nothing to do
-        self._pending += text
-        self._process()
-
-    def _process(self) -> None:
-        while self._line is not None and self._pending:
-            key, rest = _split_key(self._pending)
-            if key is None:
-                return  # an escape sequence cut between two reads
-            self._pending = rest
-            self._key(self._line, key)
-
-    def _key(self, edit: _Edit, key: str) -> None:
-        action = _KEYS.get(key)
-        if action is None:
-            if key.isprintable() and len(key) == 1:
-                edit.text = edit.text[: edit.pos] + key + edit.text[edit.pos :]
-                edit.pos += 1
-                self._refresh()
-            return
-        if action == "enter":
-            self._enter(edit)
-        elif action == "cancel":
-            self.interrupt(Interrupted())
-        elif action == "eof":
-            if not edit.text:
-                self.interrupt(EOFError(), echo="")
-                return
-            edit.text = edit.text[: edit.pos] + edit.text[edit.pos + 1 :]
-        elif action == "clear":
-            self._write("\x1b[H\x1b[2J")
-        elif action in ("up", "down"):
-            self._browse(edit, -1 if action == "up" else 1)
-        else:
-            edit.text, edit.pos = _EDITS[action](edit.text, edit.pos)
-        self._refresh()
-
-    def _enter(self, edit: _Edit) -> None:
-        edit.pos = len(edit.text)
-        self._refresh()
-        self._write("\n")
-        self._line = None
-        fresh = not self._history or self._history[-1] != edit.text
-        if not edit.hidden and edit.text.strip() and fresh:
-            self._history.append(edit.text)
-        edit.done.set_result(edit.text)
-
-    def _browse(self, edit: _Edit, step: int) -> None:
-        if edit.hidden:
-            return
-        if edit.index is None:
-            edit.index, edit.draft = len(self._history), edit.text
-        index = min(max(edit.index + step, 0), len(self._history))
-        edit.index = index
-        edit.text = self._history[index] if index < len(self._history) else edit.draft
-        edit.pos = len(edit.text)
-
-    # Output
-
-    def _refresh(self) -> None:
-        edit = self._line
-        if edit is None:
-            return
-        columns = self._columns()
-        text, pos = ("", 0) if edit.hidden else (edit.text, edit.pos)
-        width = len(edit.prompt)
-        # Keep the cursor on screen, and off the last column (the terminal
-        # would wrap there): show the window of the line around it.
-        start = max(0, width + pos - (columns - 1))
-        visible = text[start : start + max(columns - 1 - width, 0)]
-        column = width + pos - start
-        move = f"\r\x1b[{column}C" if column else "\r"
-        self._write(f"\r{edit.prompt}{visible}\x1b[K{move}")
-
-    def _columns(self) -> int:
-        try:
-            columns = os.get_terminal_size(self._output.fileno()).columns
-        except (OSError, ValueError):
-            columns = 0
-        return columns if columns > 10 else 80
-
-    def _write(self, text: str) -> None:
-        self._output.write(text)
-        self._output.flush()
-
-
-class _Edit:
-    """The line being edited."""
-
-    def __init__(self, *, prompt: str, hidden: bool, done: asyncio.Future[str]) -> None:
-        self.prompt = prompt
-        self.hidden = hidden
-        self.done = done
-        self.text = ""
-        self.pos = 0
-        self.index: int | None = None  # position in the history, when browsing
-        self.draft = ""  # the line typed before browsing the history
-
-
-_KEYS = {
-    "\x03": "cancel",  # Ctrl-C, when the terminal does not make it a signal
-    "\r": "enter",
-    "\n": "enter",
-    "\x7f": "backspace",
-    "\x08": "backspace",
-    "\x04": "eof",
-    "\x01": "home",
-    "\x05": "end",
-    "\x02": "left",
-    "\x06": "right",
-    "\x0b": "kill_end",
-    "\x15": "kill_start",
-    "\x17": "kill_word",
-    "\x0c": "clear",
-    "\x10": "up",
-    "\x0e": "down",
-    "\x1b[A": "up",
-    "\x1b[B": "down",
-    "\x1b[C": "right",
-    "\x1b[D": "left",
-    "\x1bOA": "up",
-    "\x1bOB": "down",
-    "\x1bOC": "right",
-    "\x1bOD": "left",
-    "\x1b[H": "home",
-    "\x1b[F": "end",
-    "\x1bOH": "home",
-    "\x1bOF": "end",
-    "\x1b[1~": "home",
-    "\x1b[7~": "home",
-    "\x1b[4~": "end",
-    "\x1b[8~": "end",
-    "\x1b[3~": "delete",
-}
-
-
-def _kill_word(text: str, pos: int) -> tuple[str, int]:
-    start = len(text[:pos].rstrip())
-    start = text.rfind(" ", 0, start) + 1
-    return text[:start] + text[pos:], start
-
-
-_EDITS: dict[str, Callable[[str, int], tuple[str, int]]] = {
-    "backspace": lambda t, p: (t[: p - 1] + t[p:], p - 1) if p else (t, p),
-    "delete": lambda t, p: (t[:p] + t[p + 1 :], p),
-    "home": lambda t, p: (t, 0),
-    "end": lambda t, p: (t, len(t)),
-    "left": lambda t, p: (t, max(p - 1, 0)),
-    "right": lambda t, p: (t, min(p + 1, len(t))),
-    "kill_end": lambda t, p: (t[:p], p),
-    "kill_start": lambda t, p: (t[p:], 0),
-    "kill_word": _kill_word,
-}
-
-
-def _split_key(text: str) -> tuple[str | None, str]:
-    """The first key of `text` (one character or an escape sequence) and the
-    rest; ``None`` if `text` ends in the middle of an escape sequence."""
-    if text[0] != "\x1b":
-        return text[0], text[1:]
-    if len(text) < 2:
-        return None, text
-    if text[1] == "[":  # CSI: parameters, then a final byte in @..~
-        for i in range(2, len(text)):
-            if "@" <= text[i] <= "~":
-                return text[: i + 1], text[i + 1 :]
-        return None, text
-    if text[1] == "O":  # SS3: one more character
-        return (text[:3], text[3:]) if len(text) >= 3 else (None, text)
-    return text[:2], text[2:]  # Alt+key: ignored
-
-
 # Where commands and passwords come from, and where output goes
 
 
@@ -429,64 +154,6 @@ class Console(Protocol):
     def error(self, text: str) -> None: ...
 
     async def password(self, prompt: str) -> str: ...
-
-
-class StdinLines:
-    """Lines of stdin, read by a daemon thread so that any stdin works (a pipe,
-    a file, a terminal) and a pending read never holds up the exit.
-
-    The thread reads only when a line is asked for, so that a password
-    prompt on the same terminal gets the keys typed for it.
-    """
-
-    def __init__(self) -> None:
-        self._wanted = threading.Semaphore(0)
-        self._queue: asyncio.Queue[str | None] | None = None
-        self._ended = False
-
-    async def readline(self) -> str | None:
-        """The next line without its end, or None at the end of input."""
-        if self._ended:
-            return None
-        if self._queue is None:
-            self._queue = asyncio.Queue()
-            loop = asyncio.get_running_loop()
-            thread = threading.Thread(
-                target=self._pump, args=(loop, self._queue), daemon=True
-            )
-            thread.start()
-        self._wanted.release()
-        line = await self._queue.get()
-        self._ended = line is None
-        return line
-
-    def _pump(
-        self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | None]
-    ) -> None:
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        ended = False
-        try:
-            while True:
-                self._wanted.acquire()
-                while "\n" not in pending and not ended:
-                    try:
-                        data = os.read(0, 65536)
-                    except OSError:
-                        data = b""
-                    ended = not data
-                    pending += decoder.decode(data, final=ended)
-                line: str | None
-                if "\n" in pending:
-                    line, pending = pending.split("\n", 1)
-                    line = line.rstrip("\r")
-                else:
-                    line, pending = (pending or None), ""
-                loop.call_soon_threadsafe(queue.put_nowait, line)
-                if line is None:
-                    return
-        except RuntimeError:
-            return  # the event loop is closed: nobody is listening any more
 
 
 class ScriptConsole:
@@ -528,25 +195,6 @@ class TerminalConsole:
 
     async def password(self, prompt: str) -> str:
         return await self._terminal.read_line(prompt, hidden=True)
-
-
-class TerminalLogHandler(logging.Handler):
-    """Log lines printed above the prompt instead of across it."""
-
-    def __init__(self, terminal: Terminal, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._terminal = terminal
-        self._loop = loop
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            line = self.format(record)
-            if threading.current_thread() is threading.main_thread():
-                self._terminal.print_above(line)
-            else:
-                self._loop.call_soon_threadsafe(self._terminal.print_above, line)
-        except Exception:
-            self.handleError(record)
 
 
 # The commands
@@ -870,11 +518,6 @@ async def run_script(peer: pt.Peer, command: str | None) -> int:
 async def run_interactive(peer: pt.Peer, terminal: Terminal, signals: Signals) -> int:
     """The prompt, until quit, Ctrl-D or SIGTERM."""
     loop = asyncio.get_running_loop()
-    handler = TerminalLogHandler(terminal, loop)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    saved_handlers = root.handlers[:]
-    root.handlers[:] = [handler]
     shell = Shell(peer, TerminalConsole(terminal), script=False)
     running: asyncio.Task[bool] | None = None
     stopping = False
@@ -891,45 +534,41 @@ async def run_interactive(peer: pt.Peer, terminal: Terminal, signals: Signals) -
         elif running is not None:  # Ctrl-C during a command: stop it
             running.cancel()
 
-    def on_resume() -> None:  # after Ctrl-Z and fg: the shell reset the tty
-        terminal.cbreak()
-        terminal.redraw()
-
     async def show_incoming() -> None:
         async for post in peer.incoming():
             terminal.print_above(f"* {format_post(post)}")
 
     default_handler, signals.handler = signals.handler, on_signal
-    loop.add_signal_handler(signal.SIGCONT, on_resume)
-    shower = asyncio.create_task(show_incoming())
-    host, port = peer.address
-    terminal.print_above(
-        f"p2ptimeline {pt.__version__}: peer on {host}:{port}. "
-        "Type 'help' for the commands."
-    )
-    hinted = False  # how to leave, told at the first Ctrl-C at the prompt
-    try:
-        while not (stopping or shell.quit):
-            try:
-                line = await terminal.read_line(shell.prompt())
-            except EOFError:
-                break
-            except Interrupted:
-                if not hinted:
-                    terminal.print_above(LEAVE_HINT)
-                    hinted = True
-                continue
-            running = asyncio.create_task(shell.execute(line))
-            await asyncio.wait([running])
-            if running.cancelled() and not stopping:
-                terminal.print_above("interrupted")
-            running = None
-    finally:
-        shower.cancel()
-        await asyncio.gather(shower, return_exceptions=True)
-        loop.remove_signal_handler(signal.SIGCONT)
-        signals.handler = default_handler
-        root.handlers[:] = saved_handlers
+    loop.add_signal_handler(signal.SIGCONT, terminal.resume)  # after Ctrl-Z, fg
+    with log_above(terminal, logging.Formatter(LOG_FORMAT)):
+        shower = asyncio.create_task(show_incoming())
+        host, port = peer.address
+        terminal.print_above(
+            f"p2ptimeline {pt.__version__}: peer on {host}:{port}. "
+            "Type 'help' for the commands."
+        )
+        hinted = False  # how to leave, told at the first Ctrl-C at the prompt
+        try:
+            while not (stopping or shell.quit):
+                try:
+                    line = await terminal.read_line(shell.prompt())
+                except EOFError:
+                    break
+                except Interrupted:
+                    if not hinted:
+                        terminal.print_above(LEAVE_HINT)
+                        hinted = True
+                    continue
+                running = asyncio.create_task(shell.execute(line))
+                await asyncio.wait([running])
+                if running.cancelled() and not stopping:
+                    terminal.print_above("interrupted")
+                running = None
+        finally:
+            shower.cancel()
+            await asyncio.gather(shower, return_exceptions=True)
+            loop.remove_signal_handler(signal.SIGCONT)
+            signals.handler = default_handler
     print("bye", flush=True)
     return 0
 
@@ -1045,7 +684,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="WARNING",
         type=str.upper,
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="log verbosity (%(default)s)",
+        help="the least severe log lines shown, on stderr (%(default)s; INFO "
+        "adds the library's routine events, DEBUG also the kademlia and "
+        "rpcudp libraries' lines)",
     )
     parser.add_argument(
         "-c",
@@ -1067,11 +708,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def configure_logging(level: str) -> None:
+    """Log lines on stderr from `level` up, but those of the libraries under
+    the DHT (`CHATTY_LIBRARIES`) from WARNING up unless `level` is DEBUG.
+
+    The default, WARNING, keeps the library's INFO lines off the prompt: they
+    are routine events (a followee with nobody online to catch up from, a
+    dropped datagram), not something the user has to act on.
+    """
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+    if level != "DEBUG":
+        quieter = max(logging.WARNING, logging.getLevelNamesMapping()[level])
+        for name in CHATTY_LIBRARIES:
+            logging.getLogger(name).setLevel(quieter)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     return asyncio.run(run(args))
 

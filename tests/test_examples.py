@@ -159,6 +159,86 @@ async def test_bootstrap_reports_a_taken_port() -> None:
     assert "Traceback" not in err.decode()
 
 
+async def test_bootstrap_logs_its_own_lines_and_no_library_chatter() -> None:
+    """bootstrap.py at its default log level shows our INFO lines, none of
+    kademlia's or rpcudp's, while a peer joins, posts and leaves."""
+    process = await spawn("bootstrap.py", "--port", "0", "--count", "2")
+    assert process.stdout is not None
+    assert process.stderr is not None
+    text = await read_until(process.stdout, r"^ready$")
+    options = [
+        option
+        for address in re.findall(r"listening on (127\.0\.0\.1:\d+)", text)
+        for option in ("--bootstrap", address)
+    ]
+    code, _, err = await run(*options, "-c", "register erin correct horse; post hi")
+    assert (code, err) == (0, "")
+    process.send_signal(signal.SIGINT)
+    assert await finish(process) == 0
+    lines = (await process.stderr.read()).decode().splitlines()
+    assert any(line.endswith(" INFO bootstrap: stopping 2 node(s)") for line in lines)
+    ours = r"\S+ \S+ (INFO|WARNING|ERROR) (bootstrap|p2ptimeline\.\w+): "
+    assert all(re.match(ours, line) for line in lines), lines
+
+
+# Configures logging as the script's main() does, then logs one line per kind.
+LOG_PROBE = """
+import importlib, logging, sys
+sys.path.insert(0, sys.argv[1])
+script = importlib.import_module(sys.argv[2])
+script.configure_logging(script.parse_args(sys.argv[3:]).log_level)
+logging.getLogger("kademlia.crawling").info("creating spider with peers: []")
+logging.getLogger("rpcudp.protocol").info("rpcudp info")
+logging.getLogger("kademlia.network").warning("kademlia warning")
+logging.getLogger("p2ptimeline.peer").info("library info")
+logging.getLogger("p2ptimeline.peer").warning("library warning")
+"""
+EVERY_LINE = {
+    "creating spider with peers: []",
+    "rpcudp info",
+    "kademlia warning",
+    "library info",
+    "library warning",
+}
+
+
+@pytest.mark.parametrize(
+    ("script", "options", "shown"),
+    [
+        ("bootstrap", [], {"kademlia warning", "library info", "library warning"}),
+        ("bootstrap", ["--log-level", "DEBUG"], EVERY_LINE),
+        ("cli", [], {"kademlia warning", "library warning"}),
+        (
+            "cli",
+            ["--log-level", "INFO"],
+            {"kademlia warning", "library info", "library warning"},
+        ),
+        ("cli", ["--log-level", "debug"], EVERY_LINE),
+        ("cli", ["--log-level", "ERROR"], set()),
+    ],
+)
+async def test_log_levels_keep_library_chatter_off(
+    script: str, options: list[str], shown: set[str]
+) -> None:
+    """The kademlia and rpcudp libraries log from WARNING up unless --log-level is
+    DEBUG; p2ptimeline's INFO lines show at bootstrap.py's default, not the CLI's."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        LOG_PROBE,
+        str(EXAMPLES),
+        script,
+        *options,
+        stdout=PIPE,
+        stderr=PIPE,
+    )
+    async with asyncio.timeout(10):
+        _, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    printed = {line.split(": ", 1)[1] for line in err.decode().splitlines()}
+    assert printed == shown
+
+
 async def test_scripted_clients_follow_post_and_read(network: list[str]) -> None:
     """Driven by -c and stdin, bob follows alice and reads her post in his timeline."""
     code, out, err = await run(
@@ -277,6 +357,25 @@ async def test_scripted_mistakes_are_explained(network: list[str]) -> None:
     ]
 
 
+async def test_cli_keeps_library_info_lines_off_by_default(
+    network: list[str],
+) -> None:
+    """At its default log level the CLI prints none of the library's INFO lines
+    (such as a followee with nobody online to catch up from); --log-level INFO
+    shows them."""
+    code, _, err = await run(*network, "-c", "register carol correct horse")
+    assert (code, err) == (0, "")
+    follow = "register dave correct horse; follow carol; sync; logout"
+    code, out, err = await run(*network, "-c", follow)
+    assert (code, err) == (0, "")
+    assert "following carol" in out
+    code, _, err = await run(
+        *network, "--log-level", "INFO", "-c", "login dave correct horse; sync"
+    )
+    assert code == 0, err
+    assert re.search(r"(?m)^INFO p2ptimeline\.", err), err
+
+
 class Pty:
     """The master side of a pseudo-terminal, read in the background."""
 
@@ -381,6 +480,7 @@ async def test_interactive_prompt_on_a_terminal(network: list[str]) -> None:
         await alice.quit()
     assert b"s3cret-pw" not in terminal.output
     assert b"Traceback" not in terminal.output
+    assert b"INFO" not in terminal.output  # the library's routine events
 
 
 async def test_terminal_checks_before_asking_for_passwords(network: list[str]) -> None:
