@@ -165,16 +165,20 @@ async def test_bootstrap_logs_its_own_lines_and_no_library_chatter() -> None:
     process = await spawn("bootstrap.py", "--port", "0", "--count", "2")
     assert process.stdout is not None
     assert process.stderr is not None
-    text = await read_until(process.stdout, r"^ready$")
-    options = [
-        option
-        for address in re.findall(r"listening on (127\.0\.0\.1:\d+)", text)
-        for option in ("--bootstrap", address)
-    ]
-    code, _, err = await run(*options, "-c", "register erin correct horse; post hi")
-    assert (code, err) == (0, "")
-    process.send_signal(signal.SIGINT)
-    assert await finish(process) == 0
+    try:
+        text = await read_until(process.stdout, r"^ready$")
+        options = [
+            option
+            for address in re.findall(r"listening on (127\.0\.0\.1:\d+)", text)
+            for option in ("--bootstrap", address)
+        ]
+        command = "register erin correct horse; post hi"
+        code, _, err = await run(*options, "-c", command)
+        assert (code, err) == (0, "")
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = await finish(process)
+    assert code == 0
     lines = (await process.stderr.read()).decode().splitlines()
     assert any(line.endswith(" INFO bootstrap: stopping 2 node(s)") for line in lines)
     ours = r"\S+ \S+ (INFO|WARNING|ERROR) (bootstrap|p2ptimeline\.\w+): "
