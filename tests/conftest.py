@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import p2ptimeline as pt
-from p2ptimeline.testing import local_network
+from p2ptimeline.testing import LocalNetwork, local_network
 
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -56,18 +56,24 @@ async def network() -> AsyncIterator[NetworkFactory]:
 
 
 @pytest.fixture
-async def peers() -> AsyncIterator[PeerFactory]:
+async def local_net() -> AsyncIterator[LocalNetwork]:
+    """A local network of `FAST` peers: one bootstrap node, peers added by the
+    test (`add_peer`, `add_users`); everything stopped at the end."""
+    async with local_network(config=FAST) as net:
+        yield net
+
+
+@pytest.fixture
+def peers(local_net: LocalNetwork) -> PeerFactory:
     """A factory of peers joined through one bootstrap node; all stopped at the end.
 
     ``await peers(n, **options)`` starts `n` peers at once; options go to
     `LocalNetwork.add_peer` (`config` is `FAST`, and `clock` one without NTP
     servers, unless given).
     """
-    async with local_network(config=FAST) as net:
 
-        async def start(count: int, **options: Any) -> list[pt.Peer]:
-            return list(
-                await asyncio.gather(*(net.add_peer(**options) for _ in range(count)))
-            )
+    async def start(count: int, **options: Any) -> list[pt.Peer]:
+        adding = (local_net.add_peer(**options) for _ in range(count))
+        return list(await asyncio.gather(*adding))
 
-        yield start
+    return start
