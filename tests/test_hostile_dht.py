@@ -20,6 +20,7 @@ from hostile.dht import (
     quiet,
     shard_of,
 )
+from kademlia.node import Node
 
 import p2ptimeline as pt
 from p2ptimeline._dht.records import RegistryValue, claim_key, presence_key
@@ -380,3 +381,30 @@ async def test_a_huge_bad_datagram_makes_one_short_log_line(
         sock.sendto(garbage, node.address)
     await eventually(lambda: any("dropped" in r.getMessage() for r in caplog.records))
     assert max(len(r.getMessage()) for r in caplog.records) < 500
+
+
+async def test_a_silent_contact_is_waited_for_by_one_lookup_only(
+    network: NetworkFactory,
+) -> None:
+    """A contact that went silent is waited for by the lookup that asked it
+    (until half the RPC timeout, when its request goes again); a lookup that
+    starts meanwhile passes it over at once instead of waiting for it too."""
+    nodes = await network(4, rpc_timeout=4.0)
+    keys = {}
+    for name in ("alice", "bob"):
+        identity = pt.Identity.generate()
+        await nodes[1].claim_username(name, identity, SEALED)
+        keys[name] = identity.public_key
+    sink = await Sink.open(1)
+    try:
+        reader = nodes[3]
+        router = reader._started().protocol.router
+        router.add_contact(Node(os.urandom(20), *sink.addresses[0]))
+        first = asyncio.ensure_future(reader.get_public_key("alice"))
+        await eventually(lambda: sink.received >= 2)  # asked, then asked again
+        before = sink.received
+        assert await reader.get_public_key("bob") == keys["bob"]
+        assert sink.received == before
+        assert await first == keys["alice"]
+    finally:
+        sink.close()

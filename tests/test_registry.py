@@ -6,6 +6,7 @@ import asyncio
 import random
 import socket
 import time
+from typing import Any
 
 import attrs
 import pytest
@@ -441,7 +442,8 @@ async def test_a_node_back_with_its_id_replaces_its_old_address(
     await back.start("127.0.0.1", 0, bootstrap=[nodes[0].address])
     try:
         assert back.address != old
-        assert back.address in nodes[0].neighbors()
+        # Taken in once it proved its address (nodes[0] pings it back).
+        await eventually(lambda: back.address in nodes[0].neighbors())
         assert old not in nodes[0].neighbors()
         storage = back._started().storage
         await eventually(lambda: storage.get(claim_key("alice")) is not None)
@@ -757,3 +759,28 @@ async def test_a_restarted_bootstrap_node_rejoins_the_network_it_served() -> Non
         assert await newcomer.get_public_key("alice") == alice.public_key
     finally:
         await asyncio.gather(boot.stop(), *(n.stop() for n in nodes))
+
+
+async def test_a_lease_that_cannot_be_renewed_is_said_once(
+    network: NetworkFactory,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node cut off from the DHT warns once that the presence lease cannot
+    be renewed, not at every renewal (every third of the lease)."""
+    boot, node = await network(2, lease=0.3, rpc_timeout=0.1)
+    alice = await register(node, "alice")
+    publish = node._publish_presence
+    tries = 0
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        nonlocal tries
+        tries += 1
+        return await publish(*args, **options)
+
+    monkeypatch.setattr(node, "_publish_presence", counting)
+    await node.set_presence("alice", alice, ("127.0.0.1", 9001), online=True)
+    await boot.stop()
+    await eventually(lambda: tries >= 5)
+    failed = [r for r in caplog.records if "could not renew" in r.message]
+    assert len(failed) == 1

@@ -244,7 +244,9 @@ class Lookup:
         in_flight: dict[asyncio.Future[FoundReply | None], _Candidate],
     ) -> bool:
         """Send the request; False if the node is skipped as unreachable."""
-        if self._protocol.recently_unreachable(candidate.address):
+        if self._protocol.recently_unreachable(
+            candidate.address, silent=not self._patient
+        ):
             candidate.state, candidate.skipped = "failed", True
             return False
         candidate.state, candidate.asked_at = "asking", now

@@ -173,7 +173,17 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         # it may never learn of it: a lookup from their side of the id space
         # then ends among nodes that know no one closer, and misses the
         # replicas of a value.
+        await self.contact(addrs)
+        return await self.join()
+
+    async def contact(self, addrs: Iterable[tuple[str, int]]) -> None:
+        """Ping the nodes at `addrs`; those that answer become contacts."""
         await asyncio.gather(*(self.bootstrap_node(a) for a in addrs))
+
+    async def join(self) -> list[Node]:
+        """The lookups that make this node known (see `bootstrap`): of its
+        own id, then of an id in every bucket farther than its closest
+        neighbour. The nodes closest to this one."""
         found = (await self._lookup(self.node.id)).closest
         buckets = self.protocol.router.buckets
         await self.look_up(

@@ -124,6 +124,10 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         # for a while instead of waiting for them again and again: other
         # nodes keep naming a dead node until their own requests to it fail.
         self._unreachable: dict[tuple[str, int], float] = {}
+        # address -> when each call to it now waiting for an answer was sent,
+        # oldest first: a node silent for half the timeout is not waited for
+        # by other lookups meanwhile (see `recently_unreachable`).
+        self._asking: dict[tuple[str, int], list[float]] = {}
         self._welcomed: collections.OrderedDict[bytes, None] = collections.OrderedDict()
         self._tokens = Tokens()
         # address -> the token it gave us, for our next requests to it
@@ -463,9 +467,15 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
         )
         self._outstanding[msg_id] = (future, timeout)
         self.transport.sendto(datagram, address)
+        sent = time.monotonic()
+        self._asking.setdefault(address, []).append(sent)
         try:
             result = await future
         finally:
+            asking = self._asking[address]
+            asking.remove(sent)
+            if not asking:
+                del self._asking[address]
             resend.cancel()
             if not future.done():  # cancelled while waiting
                 timeout.cancel()
@@ -494,14 +504,26 @@ class RegistryProtocol(KademliaProtocol):  # type: ignore[misc]  # untyped base
                 forgiven = True
         return forgiven
 
-    def recently_unreachable(self, address: tuple[str, int]) -> bool:
+    def recently_unreachable(
+        self, address: tuple[str, int], *, silent: bool = False
+    ) -> bool:
         """Whether calls to `address` fail at once for now (it did not answer
-        lately, and some contact did not fail)."""
+        lately, and some contact did not fail).
+
+        With `silent`, also whether a call to it has been waiting for half
+        the timeout: the next lookups then pass it over at once, as the one
+        waiting does, instead of each waiting that long for the same
+        silent node until its call fails.
+        """
+        now = time.monotonic()
         failed = self._unreachable.get(address)
-        if failed is None:
-            return False
-        if time.monotonic() - failed >= UNREACHABLE_FOR:
+        if failed is not None and now - failed >= UNREACHABLE_FOR:
             del self._unreachable[address]
+            failed = None
+        asking = self._asking.get(address) if silent else None
+        if failed is None and (
+            asking is None or now - asking[0] < self._wait_timeout / 2
+        ):
             return False
         # Never cut this node off from everyone: if no contact is left that
         # is not in this state, ask anyway.

@@ -242,8 +242,15 @@ class DhtRegistry:
         self._last_refresh = self._last_check = self._last_greeting = time.monotonic()
         try:
             if self._bootstrap:
-                await node.bootstrap(self._bootstrap)
-                if not node.has_neighbors():
+                # Start returns once the bootstrap nodes answered (and know
+                # this node): the lookups that make it known to the others
+                # run on in the background (with contacts that left, each
+                # waits for them to time out), and every read or write finds
+                # its own way from those contacts.
+                await node.greet(self._bootstrap)
+                if node.has_neighbors():
+                    self._tasks.spawn(node.join(), name="DHT join")
+                else:
                     log.warning("no bootstrap node answered; will keep trying")
             self._tasks.spawn(
                 every(_REBOOTSTRAP_INTERVAL, self._maintain, self._ratelog),
@@ -452,13 +459,27 @@ class DhtRegistry:
 
     async def _renew(self, identity: Identity, address: tuple[str, int]) -> None:
         """Publish the presence again every third of the lease, until
-        cancelled, whatever one renewal meets."""
+        cancelled, whatever one renewal meets. An outage is said once (a
+        warning) and its end once (how many renewals failed)."""
+        failures = 0
 
         async def renew_lease() -> None:
+            nonlocal failures
             try:
                 await self._publish_presence(identity, address, online=True)
             except RegistryUnavailable as exc:  # the lease lapses if this lasts
-                log.warning("could not renew the presence lease: %s", exc)
+                if not failures:
+                    log.warning(
+                        "could not renew the presence lease: %s (retrying every "
+                        "%.0f s; the user reads as offline once the lease lapses)",
+                        exc,
+                        self.lease / 3,
+                    )
+                failures += 1
+                return
+            if failures:
+                log.warning("presence lease renewed after %d failures", failures)
+                failures = 0
 
         await every(self.lease / 3, renew_lease, RateLimitedLog(log, self.lease))
 
