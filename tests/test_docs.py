@@ -197,21 +197,7 @@ def test_operations_tables_every_setting(cls: type, header: str) -> None:
 _SETTING = re.compile(r"\b(PeerConfig|Limits)\.([a-z_]+)\b")
 
 
-# security.md (line 218) still names `PeerConfig.max_future_ms`, since renamed
-# `max_future`: strict, so that the fix makes this mark go too.
-_STALE_SETTINGS = pytest.mark.xfail(
-    reason="security.md names PeerConfig.max_future_ms", strict=True
-)
-
-
-@pytest.mark.parametrize(
-    "page",
-    [
-        pytest.param(p, marks=_STALE_SETTINGS) if p.name == "security.md" else p
-        for p in CURRENT_PAGES
-    ],
-    ids=lambda p: str(p.relative_to(DOCS)),
-)
+@pytest.mark.parametrize("page", CURRENT_PAGES, ids=lambda p: str(p.relative_to(DOCS)))
 def test_pages_name_existing_settings(page: Path) -> None:
     """Every `PeerConfig.x` or `Limits.x` a page names is a field of today's."""
     fields = {
@@ -222,22 +208,43 @@ def test_pages_name_existing_settings(page: Path) -> None:
     assert sorted(f"{c}.{n}" for c, n in named if n not in fields[c]) == []
 
 
-def _pure_modules() -> list[str]:
-    """The modules architecture.md's layout tables mark pure, as dotted names."""
-    modules: list[str] = []
+def _layout() -> dict[str, dict[str, str]]:
+    """architecture.md's layout tables: for each folder of the package ("",
+    "_dht", "_p2p"), each module's name and what its I/O column says."""
+    tables: dict[str, dict[str, str]] = {}
     folder = None
     for line in (DOCS / "architecture.md").read_text().splitlines():
         heading = re.match(r"### .*`p2ptimeline/(\w*)/?`$", line)
         if heading:
             folder = heading[1]
-        elif (
-            folder is not None and line.startswith("| `") and line.endswith("| pure |")
-        ):
-            (name,) = re.findall(r"^\| `(\w+)\.py`", line)
-            modules.append(".".join(filter(None, ["p2ptimeline", folder, name])))
+            tables[folder] = {}
+        elif folder is not None and line.startswith("| `"):
+            cells = [cell.strip() for cell in line.strip("|").split("|")]
+            (name,) = re.findall(r"^`(\w+)\.py`", cells[0])
+            tables[folder][name] = cells[-1]
         elif line.startswith("## "):
             folder = None
-    return modules
+    return tables
+
+
+def _pure_modules() -> list[str]:
+    """The modules architecture.md's layout tables mark pure, as dotted names."""
+    return [
+        ".".join(filter(None, ["p2ptimeline", folder, name]))
+        for folder, modules in _layout().items()
+        for name, io in modules.items()
+        if io == "pure"
+    ]
+
+
+def test_architecture_lists_every_module() -> None:
+    """architecture.md's layout has one row per module of the package, in the
+    folder it is in, and no row for a module that does not exist."""
+    tables = _layout()
+    assert sorted(tables) == ["", "_dht", "_p2p"]
+    for folder, modules in tables.items():
+        files = {f.stem for f in (PACKAGE / folder).glob("*.py")} - {"__init__"}
+        assert sorted(modules) == sorted(files), folder
 
 
 def test_pure_modules_import_no_io() -> None:
