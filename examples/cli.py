@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime
 import logging
 import signal
 import sys
@@ -96,8 +95,7 @@ def clean(text: str) -> str:
 
 def clock(timestamp: pt.HybridTimestamp) -> str:
     """``HH:MM:SS`` in local time."""
-    moment = datetime.datetime.fromtimestamp(timestamp.physical_ms / 1000)
-    return moment.strftime("%H:%M:%S")
+    return timestamp.datetime.astimezone().strftime("%H:%M:%S")
 
 
 def format_post(post: pt.Post) -> str:

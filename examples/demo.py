@@ -31,9 +31,7 @@ def say(text: str = "") -> None:
 def show(title: str, posts: list[pt.Post]) -> None:
     say(title)
     for post in posts:
-        clock = time.strftime(
-            "%H:%M:%S", time.localtime(post.timestamp.physical_ms / 1000)
-        )
+        clock = post.timestamp.datetime.astimezone().strftime("%H:%M:%S")
         print(f"           [{clock}] {post.author}: {post.text}")
 
 
