@@ -14,6 +14,7 @@ import stat
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from pathlib import Path
+from typing import Any
 
 import attrs
 import pytest
@@ -31,7 +32,7 @@ from hostile.tcp import RawClient
 import p2ptimeline as pt
 from p2ptimeline._dht.records import claim_key
 from p2ptimeline._p2p.wire import Ack, GetPosts, PostBatch
-from p2ptimeline.testing import eventually, make_posts
+from p2ptimeline.testing import eventually, local_network, make_posts
 
 PASSWORD = "correct horse"
 CONFIG = pt.PeerConfig(seal_cost=10, ksize=8, pull_interval=3600.0, push_backoff=0.01)
@@ -40,24 +41,17 @@ PeerFactory = Callable[..., Awaitable[pt.Peer]]
 
 @pytest.fixture
 async def peer() -> AsyncIterator[PeerFactory]:
-    """A factory of started peers joined through one bootstrap node; all
-    stopped at the end. ``await peer(name)`` also registers `name`."""
-    boot = pt.DhtRegistry(ksize=8)
-    await boot.start("127.0.0.1", 0)
-    started: list[pt.Peer] = []
+    """A factory of started peers on a local network; all stopped at the
+    end. ``await peer(name)`` also registers `name`."""
+    async with local_network(config=CONFIG) as net:
 
-    async def start(name: str | None = None, **options: object) -> pt.Peer:
-        options = {"config": CONFIG, "clock": pt.ClockSync(servers=[]), **options}
-        new = pt.Peer("127.0.0.1", 0, [boot.address], **options)  # type: ignore[arg-type]
-        await new.start()
-        started.append(new)
-        if name is not None:
-            await new.register(name, PASSWORD)
-        return new
+        async def start(name: str | None = None, **options: Any) -> pt.Peer:
+            new = await net.add_peer(**options)
+            if name is not None:
+                await new.register(name, PASSWORD)
+            return new
 
-    yield start
-    await asyncio.gather(*(p.stop() for p in started))
-    await boot.stop()
+        yield start
 
 
 def identity(peer: pt.Peer) -> pt.Identity:

@@ -1,4 +1,4 @@
-"""Registry rules (`_records`) and `RecordStorage`: pure, no network."""
+"""Registry rules (`_dht.records`) and `RecordStorage`: pure, no network."""
 
 from __future__ import annotations
 
@@ -890,7 +890,7 @@ def test_a_full_signed_shard_is_stored_and_refuses_one_more(
 
 
 class FakeClock:
-    """Stands in for the `time` module in `_dht_storage`."""
+    """Stands in for the `time` module in `_dht.storage`."""
 
     def __init__(self) -> None:
         self.now = 1000.0

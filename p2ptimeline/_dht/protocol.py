@@ -2,7 +2,7 @@
 
 `RegistryProtocol` extends `kademlia.protocol.KademliaProtocol` (itself an
 `rpcudp.RPCProtocol`). It keeps rpcudp's framing and the four Kademlia RPCs,
-in the second version described in `_dht_wire` (address tokens, answers
+in the second version described in `wire` (address tokens, answers
 that name their responder), and changes what is unsafe or wrong for a
 registry on an open network:
 
@@ -10,7 +10,7 @@ registry on an open network:
   not parse, names an unknown RPC or carries arguments of the wrong shape is
   dropped with a log line (rpcudp raises inside a task for some of these).
 * An address that has not proven it receives our datagrams (with a token)
-  gets at most three times the bytes it sent (`_dht_wire.AMPLIFICATION`),
+  gets at most three times the bytes it sent (`wire.AMPLIFICATION`),
   cannot store anything, and does not enter the routing table. A node that
   proves its address is pinged, and joins the routing table, and is handed
   the values it should hold, only once it answers: a contact is always a

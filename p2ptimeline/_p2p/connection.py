@@ -1,6 +1,6 @@
 """The asyncio side of the peer protocol: connections, a pool, a server.
 
-`_wire` does the framing; this module moves frames over TCP. A connection
+`wire` does the framing; this module moves frames over TCP. A connection
 is an `asyncio.Protocol` (callbacks, not streams), so that it decides when
 to read and knows what it holds. It carries many requests at once, matched
 to replies by id. Every wait has a timeout, so a slow or silent peer only
