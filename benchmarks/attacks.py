@@ -823,9 +823,7 @@ async def attack_buffering() -> Result:
         context = getattr(peer, "_context", None)  # None: a Peer before the split
         identity = (context.session if context else peer._session).identity
         store = context.store if context else peer._store
-        await store.add(
-            make_posts("victim", 3000, identity=identity, prefix="x" * 980)
-        )
+        await store.add(make_posts("victim", 3000, identity=identity, prefix="x" * 980))
         gc.collect()
         rss_before = rss_mib()
         attacker = await tcp.RawClient.connect(peer.address, receive_buffer=4096)
