@@ -24,16 +24,17 @@ class HybridLogicalClock:
     Args:
         physical_ms: Returns the current physical time in milliseconds since
             the epoch (for example from `ClockSync.now_ms`).
-        max_drift_ms: A received timestamp further than this ahead of the
-            physical clock is refused rather than merged, so one peer with a
-            wild clock cannot drag everyone's timestamps into the future.
+        max_drift: Seconds: a received timestamp further than this ahead of
+            the physical clock is refused rather than merged, so one peer
+            with a wild clock cannot drag everyone's timestamps into the
+            future.
     """
 
     def __init__(
-        self, physical_ms: Callable[[], int], *, max_drift_ms: int = 60_000
+        self, physical_ms: Callable[[], int], *, max_drift: float = 60.0
     ) -> None:
         self._physical_ms = physical_ms
-        self._max_drift_ms = max_drift_ms
+        self._max_drift_ms = int(max_drift * 1000)
         self._last = HybridTimestamp(physical_ms=0, logical=0)
 
     @property
@@ -59,7 +60,7 @@ class HybridLogicalClock:
             The clock's new timestamp, which orders after `remote`.
 
         Raises:
-            InvalidRecord: `remote` is more than `max_drift_ms` ahead of the
+            InvalidRecord: `remote` is more than `max_drift` seconds ahead of the
                 physical clock; the clock is left unchanged.
         """
         physical = self._physical_ms()

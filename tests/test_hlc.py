@@ -67,7 +67,7 @@ def test_observe_old_remote_keeps_local_time() -> None:
 
 def test_far_future_remote_is_refused() -> None:
     """A remote timestamp beyond max_drift is refused and leaves the clock alone."""
-    hlc = pt.HybridLogicalClock(FakeClock(1000), max_drift_ms=500)
+    hlc = pt.HybridLogicalClock(FakeClock(1000), max_drift=0.5)
     hlc.now()
     with pytest.raises(pt.InvalidRecord, match="future"):
         hlc.observe(ts(1501))
