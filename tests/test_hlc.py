@@ -98,7 +98,7 @@ def test_timestamps_strictly_increase_under_any_history(
 ) -> None:
     """Whatever the physical clock and the messages do, timestamps strictly increase."""
     clock = FakeClock(0)
-    hlc = pt.HybridLogicalClock(clock, max_drift_ms=10**9)
+    hlc = pt.HybridLogicalClock(clock, max_drift=10**6)
     previous = hlc.last
     for event in history:
         if event[0] == "tick":
