@@ -242,15 +242,8 @@ class DhtRegistry:
         self._last_refresh = self._last_check = self._last_greeting = time.monotonic()
         try:
             if self._bootstrap:
-                # Start returns once the bootstrap nodes answered (and know
-                # this node): the lookups that make it known to the others
-                # run on in the background (with contacts that left, each
-                # waits for them to time out), and every read or write finds
-                # its own way from those contacts.
-                await node.greet(self._bootstrap)
-                if node.has_neighbors():
-                    self._tasks.spawn(node.join(), name="DHT join")
-                else:
+                await node.bootstrap(self._bootstrap)
+                if not node.has_neighbors():
                     log.warning("no bootstrap node answered; will keep trying")
             self._tasks.spawn(
                 every(_REBOOTSTRAP_INTERVAL, self._maintain, self._ratelog),
