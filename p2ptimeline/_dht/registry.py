@@ -11,12 +11,10 @@ from typing import Self
 import attrs
 
 from .._errors import (
-    AuthError,
     ListenError,
     RegistryUnavailable,
     UnknownUser,
     UsageError,
-    UsernameTaken,
 )
 from .._hlc import HybridLogicalClock
 from .._identity import Identity
@@ -24,25 +22,22 @@ from .._models import FollowEntry, Presence, Relation, UsernameClaim, check_user
 from .._ratelog import RateLimitedLog
 from .._serializer import CborSerializer, Serializer
 from .._tasks import Tasks, every
+from .claims import MAX_WRITE_ROUNDS, Claims
 from .follow_sets import FollowSets
 from .names import NameCache
 from .node import DhtNode, Replica
 from .records import (
-    Outcome,
     RegistryValue,
-    claim_key,
-    claim_winner,
     presence_key,
     shard_capacity,
 )
 from .storage import DEFAULT_MAX_BYTES, RecordStorage
-from .wire import StoreReply
+from .wire import newer_seq
 
 __all__ = ["DhtRegistry", "UserRecord"]
 
 log = logging.getLogger("p2ptimeline.registry")
 
-_MAX_CONCURRENT_CLAIM_READS = 32
 _REBOOTSTRAP_INTERVAL = 1.0
 _CONTACT_CHECK_INTERVAL = 10.0  # one silent contact pinged per check
 _REFRESH_INTERVAL = 3600.0  # seconds between bucket refreshes and republishing
@@ -50,8 +45,6 @@ _CLAIM_CACHE_SIZE = 100_000
 _CLAIM_TTL = 3600.0  # seconds a name's key is taken from the cache
 _ABSENT_TTL = 600.0  # seconds a name read as unregistered stays so
 _RECHECK_AFTER = 60.0  # seconds between forced re-reads of one name
-_MAX_NAME_FAILURES = 64  # names read as forged or absent per set read
-_MAX_WRITE_ROUNDS = 4  # writes of one claim or presence, passing stale ones
 
 
 @attrs.frozen(kw_only=True)
@@ -164,6 +157,7 @@ class DhtRegistry:
         self._hlc = hlc or HybridLogicalClock(self._now_ms)
         self._node: DhtNode | None = None
         self._sets: FollowSets | None = None
+        self._name_claims: Claims | None = None
         self._tasks = Tasks(log)
         self._ratelog = RateLimitedLog(log, 60.0)
         # Presence key -> the task renewing that lease (a renewal replaces it).
@@ -176,7 +170,6 @@ class DhtRegistry:
             absent_ttl=_ABSENT_TTL,
             recheck_after=_RECHECK_AFTER,
         )
-        self._claim_reads = asyncio.Semaphore(_MAX_CONCURRENT_CLAIM_READS)
 
     # Lifecycle
 
@@ -237,6 +230,7 @@ class DhtRegistry:
             ) from exc
         self._node = node
         self._sets = FollowSets(node, self._capacity)
+        self._name_claims = Claims(node, self._names, self._next_seq)
         self._tasks = Tasks(log)
         node.bootstrap_addresses = self._bootstrap
         self._last_refresh = self._last_check = self._last_greeting = time.monotonic()
@@ -263,6 +257,7 @@ class DhtRegistry:
         """
         node, self._node = self._node, None
         self._sets = None
+        self._name_claims = None
         self._leases.clear()
         try:
             await self._tasks.close()
@@ -313,34 +308,7 @@ class DhtRegistry:
             RegistryUnavailable: No DHT node could be reached.
         """
         _check_name(username)
-        node = self._started()
-        key = claim_key(username)
-        seq = self._next_seq(key)
-        for _ in range(_MAX_WRITE_ROUNDS):
-            claim = UsernameClaim.create(identity, username, sealed_key, seq=seq)
-            # Not into this node's own storage yet: if another key holds the
-            # name, our own copy would be one vote for us in the decision.
-            replies = await node.write(
-                key, RegistryValue(claim=claim), patient=True, local=False
-            )
-            outcomes = [reply for _, reply in replies if reply is not None]
-            if any(_rival_claim(r, identity) for r in outcomes):
-                # Held by another key, or claimed by someone else at this
-                # very moment: the claim most of the closest nodes hold wins.
-                # The loser withdraws the replicas it got, so that readers
-                # asking only a few of the closest nodes agree on the winner.
-                winner = await self._read_claim(username, everywhere=True)
-                if winner is None or winner.public_key != identity.public_key:
-                    if any(r.outcome is Outcome.STORED for r in outcomes):
-                        await self._withdraw(claim, identity)
-                    raise UsernameTaken(f"{username!r} is taken")
-            newer = _newer_seq(outcomes, claim)
-            if newer is None:
-                break
-            seq = self._next_seq(key, past=newer)  # our own later claim: pass it
-        node.keep_if_close(key, RegistryValue(claim=claim))
-        self._remember(claim)
-        return claim
+        return await self._claims().claim(username, identity, sealed_key)
 
     async def get_user(self, username: str) -> UserRecord | None:
         """The user's claim and presence, read fresh from the network.
@@ -353,7 +321,7 @@ class DhtRegistry:
             RegistryUnavailable: No DHT node could be reached.
         """
         _check_name(username)
-        claim = await self._read_claim(username)
+        claim = await self._claims().read(username)
         if claim is None:
             return None
         presence = await self._read_presence(claim.public_key)
@@ -376,8 +344,23 @@ class DhtRegistry:
             RegistryUnavailable: No DHT node could be reached.
         """
         _check_name(username)
-        claim = await self._cached_claim(username)
+        claim = await self._claims().cached(username)
         return None if claim is None else claim.public_key
+
+    async def recheck_user(self, username: str) -> bytes | None:
+        """Read the owner of `username` again, from all the closest nodes,
+        if it was not re-read in the last minute; the key it is bound to.
+
+        For a caller that holds something signed under the name that does
+        not verify with the key it got: that key may have come from a read
+        that was wrong, and the cache is corrected.
+
+        Raises:
+            UsageError: The name is invalid.
+            RegistryUnavailable: No DHT node could be reached.
+        """
+        _check_name(username)
+        return await self._claims().recheck(username)
 
     async def get_presence(self, public_key: bytes) -> Presence | None:
         """The newest presence record of the user with `public_key`, if any.
@@ -404,7 +387,7 @@ class DhtRegistry:
             UnknownUser: `username` is not registered.
             RegistryUnavailable: No DHT node could be reached.
         """
-        await self._owned_claim(username, identity)
+        await self._claims().owned(username, identity)
         key = presence_key(identity.public_key)
         renewal = self._leases.pop(key, None)
         if renewal is not None:
@@ -424,7 +407,7 @@ class DhtRegistry:
     ) -> Presence:
         key = presence_key(identity.public_key)
         seq = self._next_seq(key)
-        for _ in range(_MAX_WRITE_ROUNDS):
+        for _ in range(MAX_WRITE_ROUNDS):
             now = self._now_ms()
             record = Presence.create(
                 identity,
@@ -435,7 +418,7 @@ class DhtRegistry:
                 seq=seq,
             )
             replies = await self._started().write(key, RegistryValue(presence=record))
-            newer = _newer_seq([r for _, r in replies if r is not None], record)
+            newer = newer_seq([r for _, r in replies if r is not None], record)
             if newer is None:
                 break
             # A newer record from another peer of this user: go past it.
@@ -500,9 +483,9 @@ class DhtRegistry:
     async def _follow(
         self, follower: str, followee: str, identity: Identity, *, following: bool
     ) -> FollowEntry:
-        await self._owned_claim(follower, identity)
+        await self._claims().owned(follower, identity)
         _check_name(followee)
-        target = await self._cached_claim(followee)
+        target = await self._claims().cached(followee)
         if target is None:
             raise UnknownUser(f"no user {followee!r}")
         sets = self._started_sets()
@@ -559,149 +542,15 @@ class DhtRegistry:
             RegistryUnavailable: No DHT node could be reached.
         """
         _check_name(username)
-        claim = await self._cached_claim(username)
+        claim = await self._claims().cached(username)
         if claim is None:
             raise UnknownUser(f"no user {username!r}")
         entries = await self._started_sets().read(relation, claim.public_key)
         if relation == "followers" and verify_names:
-            entries = await self._with_true_names(entries)
+            entries = await self._claims().genuine(entries)
         return entries
 
-    async def _with_true_names(
-        self, entries: tuple[FollowEntry, ...]
-    ) -> tuple[FollowEntry, ...]:
-        """Keep the entries whose follower name is really the signer's.
-
-        Names are looked up through the cache, which remembers names read as
-        unregistered for ten minutes. Once `_MAX_NAME_FAILURES` names of one
-        read turned out unregistered or another key's, the names not cached
-        are no longer looked up in that read (their entries are left out
-        this time, and checked on later reads): an honest set names
-        registered users, so this only cuts short a set stuffed with made-up
-        names, which would otherwise cost a lookup per entry.
-        """
-        failures = 0
-        slots = asyncio.Semaphore(_MAX_CONCURRENT_CLAIM_READS)
-
-        async def genuine(entry: FollowEntry) -> bool:
-            nonlocal failures
-            async with slots:
-                known, _ = self._names.lookup(entry.follower, time.monotonic())
-                if not known and failures >= _MAX_NAME_FAILURES:
-                    return False
-                try:
-                    claim = await self._cached_claim(entry.follower, trust_absent=True)
-                except RegistryUnavailable:
-                    return False
-            if claim is None or claim.public_key != entry.follower_key:
-                failures += 1
-                if failures == _MAX_NAME_FAILURES:
-                    log.info("a follow set names many unregistered users: skipped")
-                log.debug("dropped a follow entry forging the name %r", entry.follower)
-                return False
-            return True
-
-        verdicts = await asyncio.gather(*(genuine(e) for e in entries))
-        return tuple(e for e, ok in zip(entries, verdicts, strict=True) if ok)
-
     # Claims and presence
-
-    async def _withdraw(self, claim: UsernameClaim, identity: Identity) -> None:
-        """Give up the replicas of `claim` that a race for its name lost."""
-        withdrawal = UsernameClaim.create(
-            identity, claim.username, b"", claim.seq + 1, withdrawn=True
-        )
-        key = claim_key(claim.username)
-        try:
-            await self._started().write(key, RegistryValue(claim=withdrawal))
-        except RegistryUnavailable as exc:  # readers still outvote those replicas
-            log.warning(
-                "could not withdraw a lost claim of %r: %s", claim.username, exc
-            )
-
-    async def _read_claim(
-        self, username: str, *, everywhere: bool = False
-    ) -> UsernameClaim | None:
-        """The live claim of `username` held by most of the closest nodes.
-
-        The read asks the `ksize` closest nodes (not just the read quorum,
-        as reads of other records do: nodes that sit in many routing tables
-        near a name could otherwise be all a reader asks). Only their
-        replicas count (this node's own storage only if it is one of them),
-        one vote each (see `claim_winner`). If any answer shows another
-        key's claim or a withdrawal (a race's leftovers, or a liar
-        somewhere), or with `everywhere`, the read waits for each of the
-        `ksize` closest nodes even when slow, so that two claimers of one
-        name, each reading once both writes landed, count the same votes
-        and agree on who won.
-        """
-        key = claim_key(username)
-        node = self._started()
-        replicas = await node.read(key, node.ksize, patient=everywhere)
-        held = [(r.close, r.value.claim) for r in replicas if r.value and r.value.claim]
-        winner, contested = claim_winner([claim for close, claim in held if close])
-        if not everywhere and (contested or _disagree([c for _, c in held])):
-            return await self._read_claim(username, everywhere=True)
-        self._names.put(username, winner, time.monotonic())
-        if winner is not None:
-            node.repair_if_stale(key, RegistryValue(claim=winner), replicas)
-        return winner
-
-    async def _cached_claim(
-        self, username: str, *, trust_absent: bool = False
-    ) -> UsernameClaim | None:
-        """The claim of `username`, from the cache if read lately.
-
-        The key of a name never changes once claimed, so a cached claim is as
-        good as a fresh one for telling who owns a name; it is read again
-        after an hour all the same (a first read can be wrong). A name read
-        as unregistered is read again, since it may be registered since,
-        unless `trust_absent` (checks of many names at once, where one read
-        per name every ten minutes is plenty).
-        """
-        known, claim = self._names.lookup(username, time.monotonic())
-        if known and (claim is not None or trust_absent):
-            return claim
-        async with self._claim_reads:
-            try:
-                return await self._read_claim(username)
-            except RegistryUnavailable:
-                if claim is None:
-                    raise
-                return claim  # the old answer is better than none
-
-    async def recheck_user(self, username: str) -> bytes | None:
-        """Read the owner of `username` again, from all the closest nodes,
-        if it was not re-read in the last minute; the key it is bound to.
-
-        For a caller that holds something signed under the name that does
-        not verify with the key it got: that key may have come from a read
-        that was wrong, and the cache is corrected.
-
-        Raises:
-            UsageError: The name is invalid.
-            RegistryUnavailable: No DHT node could be reached.
-        """
-        _check_name(username)
-        if self._names.may_recheck(username, time.monotonic()):
-            before = self._names.cached(username)
-            claim = await self._read_claim(username, everywhere=True)
-            if before and claim and before.public_key != claim.public_key:
-                log.warning("the key of %r was read wrong before", username)
-            return None if claim is None else claim.public_key
-        return await self.get_public_key(username)
-
-    def _remember(self, claim: UsernameClaim) -> None:
-        self._names.put(claim.username, claim, time.monotonic())
-
-    async def _owned_claim(self, username: str, identity: Identity) -> UsernameClaim:
-        _check_name(username)
-        claim = await self._cached_claim(username)
-        if claim is None:
-            raise UnknownUser(f"no user {username!r}")
-        if claim.public_key != identity.public_key:
-            raise AuthError(f"this identity does not own {username!r}")
-        return claim
 
     async def _read_presence(self, public_key: bytes) -> Presence | None:
         key = presence_key(public_key)
@@ -719,6 +568,11 @@ class DhtRegistry:
         if self._node is None:
             raise UsageError("the registry is not started")
         return self._node
+
+    def _claims(self) -> Claims:
+        if self._name_claims is None:
+            raise UsageError("the registry is not started")
+        return self._name_claims
 
     def _started_sets(self) -> FollowSets:
         if self._sets is None:
@@ -747,42 +601,6 @@ class DhtRegistry:
         if time.monotonic() - self._last_refresh > _REFRESH_INTERVAL:
             self._last_refresh = time.monotonic()
             await node.refresh()
-
-
-def _disagree(claims: list[UsernameClaim]) -> bool:
-    """Whether claims (from any replicas, close or not) name more than one
-    key, or include a withdrawal."""
-    return len({c.public_key for c in claims}) > 1 or any(c.withdrawn for c in claims)
-
-
-def _rival_claim(reply: StoreReply, identity: Identity) -> bool:
-    """Whether a store reply proves the name is held by another key."""
-    held = reply.held.claim if reply.held else None
-    return (
-        reply.outcome is Outcome.TAKEN
-        and held is not None
-        and held.public_key != identity.public_key
-        and not held.withdrawn
-    )
-
-
-def _newer_seq(replies: list[StoreReply], ours: UsernameClaim | Presence) -> int | None:
-    """The highest `seq` that stale replies prove a node holds for our
-    record `ours` (another version, as new or newer), if any.
-
-    A bare number proves nothing: only a held record counts, which the
-    protocol checked where it arrived (signed by its key, under the key of
-    `ours`, and within the clock's bound of `MAX_SEQ_AHEAD_MS`). Our own
-    record shown back to us proves nothing either.
-    """
-    held = [
-        record.seq
-        for reply in replies
-        if reply.outcome is Outcome.STALE and reply.held is not None
-        for record in (reply.held.claim or reply.held.presence,)
-        if record is not None and record != ours and record.seq >= ours.seq
-    ]
-    return max(held, default=None)
 
 
 def _check_name(username: str) -> None:

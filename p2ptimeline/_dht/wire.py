@@ -42,6 +42,7 @@ from typing import Any
 import attrs
 import msgpack
 
+from .._models import Presence, UsernameClaim
 from .records import Outcome, RegistryValue
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "StoreReply",
     "Tokens",
     "answer_bytes",
+    "newer_seq",
     "pack",
     "padding",
     "parse_found",
@@ -431,3 +433,22 @@ def is_ip(text: str) -> bool:
             _ip_cache.clear()
         _ip_cache[text] = known
     return known
+
+
+def newer_seq(replies: list[StoreReply], ours: UsernameClaim | Presence) -> int | None:
+    """The highest `seq` that stale replies prove a node holds for our
+    record `ours` (another version, as new or newer), if any.
+
+    A bare number proves nothing: only a held record counts, which the
+    protocol checked where it arrived (signed by its key, under the key of
+    `ours`, and within the clock's bound of `MAX_SEQ_AHEAD_MS`). Our own
+    record shown back to us proves nothing either.
+    """
+    held = [
+        record.seq
+        for reply in replies
+        if reply.outcome is Outcome.STALE and reply.held is not None
+        for record in (reply.held.claim or reply.held.presence,)
+        if record is not None and record != ours and record.seq >= ours.seq
+    ]
+    return max(held, default=None)
