@@ -17,7 +17,9 @@ import pytest
 from hostile.tcp import HangingPort, RawClient, SilentServer, transports_to
 
 import p2ptimeline as pt
-from p2ptimeline._p2p.connection import ConnectionPool, Handler, PeerServer
+from p2ptimeline._p2p.connection import Handler
+from p2ptimeline._p2p.pool import ConnectionPool
+from p2ptimeline._p2p.server import PeerServer
 from p2ptimeline._p2p.wire import (
     Ack,
     Frame,

@@ -1,6 +1,7 @@
-"""The asyncio side of the peer protocol: connections, a pool, a server.
+"""The asyncio side of the peer protocol: one connection, and its `Limits`.
 
-`wire` does the framing; this module moves frames over TCP. A connection
+`wire` does the framing; this module moves frames over TCP (`pool` holds a
+peer's outgoing connections, `server` its incoming ones). A connection
 is an `asyncio.Protocol` (callbacks, not streams), so that it decides when
 to read and knows what it holds. It carries many requests at once, matched
 to replies by id. Every wait has a timeout, so a slow or silent peer only
@@ -34,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import functools
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -56,7 +56,7 @@ from .wire import (
     encode_frame,
 )
 
-__all__ = ["ConnectionPool", "Handler", "Limits", "PeerServer"]
+__all__ = ["LOG_INTERVAL", "Connection", "Handler", "Limits"]
 
 log = logging.getLogger("p2ptimeline.peer")
 
@@ -66,9 +66,7 @@ Handler = Callable[[Message, tuple[str, int]], Awaitable[Message]]
 _SMALL_REPLY = 1024
 """Bytes reserved for the reply to any request but `GetPosts`: an `Ack` or
 a `Refusal` (whose reason is at most 200 characters)."""
-_REMEMBERED_FAILURES = 4096
-"""Most addresses a pool remembers as unreachable (the oldest are forgotten)."""
-_LOG_INTERVAL = 10.0
+LOG_INTERVAL = 10.0
 """Seconds between two log lines of one kind that a remote party can cause."""
 
 
@@ -125,7 +123,7 @@ class Limits:
     always try."""
 
 
-class _Connection(asyncio.Protocol):
+class Connection(asyncio.Protocol):
     """Frames over one TCP connection: requests out and replies in (opened
     by a `ConnectionPool`), or requests in and replies out (accepted by a
     `PeerServer`, which gives the `handler` and an `admit` check)."""
@@ -136,7 +134,7 @@ class _Connection(asyncio.Protocol):
         limits: Limits,
         ratelog: RateLimitedLog,
         handler: Handler | None = None,
-        admit: Callable[[_Connection], bool] | None = None,
+        admit: Callable[[Connection], bool] | None = None,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._serializer = serializer
@@ -589,221 +587,3 @@ class _Connection(asyncio.Protocol):
         await self._handlers.close()
         if self._transport is not None:
             await asyncio.shield(self._lost)
-
-
-class ConnectionPool:
-    """Outgoing connections, one per remote address, reused between requests."""
-
-    def __init__(self, serializer: Serializer, limits: Limits) -> None:
-        self._serializer = serializer
-        self._limits = limits
-        self._log = RateLimitedLog(log, _LOG_INTERVAL)
-        self._connections: collections.OrderedDict[tuple[str, int], _Connection] = (
-            collections.OrderedDict()
-        )
-        self._opening: dict[tuple[str, int], asyncio.Task[_Connection]] = {}
-        self._waiting: collections.Counter[tuple[str, int]] = collections.Counter()
-        self._connecting = asyncio.Semaphore(limits.max_connecting)
-        self._unreachable: collections.OrderedDict[tuple[str, int], float] = (
-            collections.OrderedDict()
-        )
-        self._closed = False
-
-    async def request(self, address: tuple[str, int], message: Message) -> Message:
-        """Send `message` to the peer at `address` and return its reply.
-
-        Raises:
-            PeerUnreachable: It cannot be reached (or could not moments ago),
-                or did not answer within `Limits.request_timeout`.
-            ProtocolError: It refused the request or broke the protocol.
-        """
-        try:
-            async with asyncio.timeout(self._limits.request_timeout):
-                connection = await self._connection(address)
-                return await connection.request(message)
-        except TimeoutError:
-            raise PeerUnreachable(f"{address} did not answer in time") from None
-
-    async def _connection(self, address: tuple[str, int]) -> _Connection:
-        if self._closed:
-            raise PeerUnreachable("the connection pool is closed")
-        connection = self._connections.get(address)
-        if connection is not None and not connection.closed:
-            self._connections.move_to_end(address)
-            return connection
-        retry_at = self._unreachable.get(address)
-        if retry_at is not None:
-            if asyncio.get_running_loop().time() < retry_at:
-                raise PeerUnreachable(f"cannot connect to {address} (just failed)")
-            del self._unreachable[address]
-        opening = self._opening.get(address)
-        if opening is None:
-            opening = asyncio.create_task(self._open(address))
-            self._opening[address] = opening
-            opening.add_done_callback(functools.partial(self._opened, address))
-        self._waiting[address] += 1
-        try:
-            return await asyncio.shield(opening)
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if opening.cancelled() and task is not None and not task.cancelling():
-                # Not this request's cancellation: the pool closed meanwhile.
-                raise PeerUnreachable(f"cannot connect to {address}: closed") from None
-            raise
-        finally:
-            self._waiting[address] -= 1
-            if not self._waiting[address]:
-                del self._waiting[address]
-                opening.cancel()  # no request wants it any more (no-op if done)
-
-    def _opened(
-        self, address: tuple[str, int], task: asyncio.Task[_Connection]
-    ) -> None:
-        if self._opening.get(address) is task:
-            del self._opening[address]
-        if not task.cancelled():
-            task.exception()  # seen: the requests that wanted it may be gone
-
-    async def _open(self, address: tuple[str, int]) -> _Connection:
-        loop = asyncio.get_running_loop()
-        async with self._connecting:
-            try:
-                async with asyncio.timeout(self._limits.connect_timeout):
-                    _, connection = await loop.create_connection(
-                        lambda: _Connection(self._serializer, self._limits, self._log),
-                        *address,
-                    )
-            except (OSError, TimeoutError) as exc:
-                self._note_unreachable(address)
-                raise PeerUnreachable(f"cannot connect to {address}: {exc!r}") from None
-        if self._closed:
-            connection.close()
-            raise PeerUnreachable("the connection pool is closed")
-        self._connections[address] = connection
-        self._evict()
-        return connection
-
-    def _note_unreachable(self, address: tuple[str, int]) -> None:
-        backoff = self._limits.connect_backoff
-        if backoff <= 0:
-            return
-        self._unreachable[address] = asyncio.get_running_loop().time() + backoff
-        self._unreachable.move_to_end(address)
-        while len(self._unreachable) > _REMEMBERED_FAILURES:
-            self._unreachable.popitem(last=False)
-
-    def _evict(self) -> None:
-        now = asyncio.get_running_loop().time()
-        limits = self._limits
-        for address, connection in list(self._connections.items()):
-            if connection.closed or (
-                connection.idle and now - connection.last_used > limits.idle_timeout
-            ):
-                del self._connections[address]
-                connection.close()
-        while len(self._connections) > limits.max_connections:
-            _, connection = self._connections.popitem(last=False)
-            connection.close()
-
-    async def close(self) -> None:
-        """Close every connection and stop every connect. Idempotent."""
-        self._closed = True
-        openings = list(self._opening.values())
-        for task in openings:
-            task.cancel()
-        connections = list(self._connections.values())
-        self._connections.clear()
-        for connection in connections:
-            connection.close()
-        await asyncio.gather(*openings, return_exceptions=True)
-        await asyncio.gather(*(c.wait_closed() for c in connections))
-
-
-class PeerServer:
-    """Accepts peer connections and answers their requests with `handler`."""
-
-    def __init__(
-        self, handler: Handler, serializer: Serializer, limits: Limits
-    ) -> None:
-        self._handler = handler
-        self._serializer = serializer
-        self._limits = limits
-        self._log = RateLimitedLog(log, _LOG_INTERVAL)
-        self._server: asyncio.Server | None = None
-        self._connections: dict[_Connection, str] = {}
-        self._per_host: collections.Counter[str] = collections.Counter()
-        self._closing = False
-
-    async def start(self, host: str, port: int) -> tuple[str, int]:
-        """Listen on TCP `host`:`port`; returns the address bound."""
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._new_connection, host, port)
-        sockname: tuple[str, int] = self._server.sockets[0].getsockname()[:2]
-        return sockname
-
-    def _new_connection(self) -> _Connection:
-        return _Connection(
-            self._serializer,
-            self._limits,
-            self._log,
-            handler=self._handler,
-            admit=self._admit,
-        )
-
-    def _admit(self, connection: _Connection) -> bool:
-        """Whether to serve a connection just accepted; makes room if need be."""
-        host = connection.remote[0]
-        limits = self._limits
-        if self._closing:
-            return False
-        if self._per_host[host] >= limits.max_connections_per_host:
-            self._log.warning(
-                "host-full", "too many connections: refused one from %s", host
-            )
-            return False
-        if len(self._connections) >= limits.max_connections:
-            idlest = self._idlest()
-            if idlest is None:
-                self._log.warning(
-                    "full", "too many connections: refused one from %s", host
-                )
-                return False
-            self._log.info(
-                "evicted",
-                "too many connections: closed an idle one from %s for one from %s",
-                idlest.remote,
-                host,
-            )
-            self._forget(idlest)
-            idlest.close()
-        self._connections[connection] = host
-        self._per_host[host] += 1
-        connection.done(lambda _: self._forget(connection))
-        return True
-
-    def _idlest(self) -> _Connection | None:
-        """The connection to close for a newcomer: one without requests in
-        progress, that never completed one if any, and idle the longest."""
-        idle = (c for c in self._connections if c.idle)
-        return min(idle, key=lambda c: (c.served > 0, c.last_used), default=None)
-
-    def _forget(self, connection: _Connection) -> None:
-        host = self._connections.pop(connection, None)
-        if host is None:
-            return
-        self._per_host[host] -= 1
-        if not self._per_host[host]:
-            del self._per_host[host]
-
-    async def close(self) -> None:
-        """Stop listening and close every connection. Idempotent."""
-        self._closing = True
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
-        connections = list(self._connections)
-        for connection in connections:
-            connection.close()
-        await asyncio.gather(*(c.wait_closed() for c in connections))
-        if server is not None:
-            await server.wait_closed()

@@ -35,11 +35,12 @@ from .._serializer import CborSerializer, Serializer
 from .._sqlite_store import SqliteStore
 from .._store import LocalStore
 from .config import PeerConfig
-from .connection import ConnectionPool, PeerServer
 from .context import Notification, PeerContext
 from .dissemination import Disseminator
 from .inbox import Inbox
+from .pool import ConnectionPool
 from .pull import Puller
+from .server import PeerServer
 from .session import Sessions, check_name
 from .transport import Address, PoolTransport, Transport, TransportWrapper
 from .wire import (

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from .connection import ConnectionPool
+from .pool import ConnectionPool
 from .wire import Message
 
 __all__ = ["Address", "PoolTransport", "Transport", "TransportWrapper"]
