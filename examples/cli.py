@@ -431,9 +431,11 @@ class Shell:
         self.console.out(f"{new} new post{'' if new == 1 else 's'}")
 
     async def help(self, args: list[str], line: str) -> None:
+        _arguments(args, 0, 0, "help")
         self.console.out(HELP)
 
     async def stop(self, args: list[str], line: str) -> None:
+        _arguments(args, 0, 0, "quit")
         self.quit = True
 
     def _user(self, args: list[str], usage: str) -> str:
@@ -583,6 +585,12 @@ async def run(args: argparse.Namespace) -> int:
         work.cancel()
 
     signals = Signals(cancel)
+    if not args.bootstrap:
+        print(
+            "warning: no --bootstrap given: a peer alone reaches no registry "
+            "(start python examples/bootstrap.py and pass --bootstrap HOST:PORT)",
+            file=sys.stderr,
+        )
     interactive = args.command is None and sys.stdin.isatty() and sys.stdout.isatty()
     # On a terminal, echo goes off at once: what is typed while the peer
     # starts is kept for the prompt, and a password typed early never shows.
@@ -626,7 +634,11 @@ def address(text: str, default_port: int | None = None) -> tuple[str, int]:
     host = host.removeprefix("[").removesuffix("]")
     if not port and default_port is not None:
         return host, default_port
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if host and port.isdigit() and not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: a port is a number from 1 to 65535, not {port}"
+        )
+    if not host or not port.isdigit():
         form = "HOST[:PORT]" if default_port is not None else "HOST:PORT"
         raise argparse.ArgumentTypeError(f"{text!r} is not {form}")
     return host, int(port)

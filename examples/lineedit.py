@@ -31,7 +31,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
-__all__ = ["Interrupted", "StdinLines", "Terminal", "log_above"]
+__all__ = ["MAX_LINE", "Interrupted", "StdinLines", "Terminal", "log_above"]
+
+MAX_LINE = 2_000
+"""Most characters of a line typed or pasted; the rest of a longer paste is
+dropped (each key redraws the line: a megabyte pasted took a minute)."""
 
 
 class Interrupted(Exception):
@@ -160,6 +164,8 @@ class Terminal:
     def _key(self, edit: _Edit, key: str) -> None:
         action = _KEYS.get(key)
         if action is None:
+            if len(edit.text) >= MAX_LINE:  # a huge paste: keep the first part
+                return
             if key.isprintable() and len(key) == 1:
                 edit.text = edit.text[: edit.pos] + key + edit.text[edit.pos :]
                 edit.pos += 1

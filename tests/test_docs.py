@@ -45,7 +45,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_docs_build_strictly(site: Path) -> None:
     """`mkdocs build --strict` succeeds: no broken link or docstring reference."""
     assert (site / "index.html").exists()
-    assert (site / "api" / "peer" / "index.html").exists()
+    assert (site / "api" / "peer.html").exists()
 
 
 class _Fetches(HTMLParser):
@@ -94,6 +94,15 @@ def test_site_needs_no_network(site: Path) -> None:
     for sheet in site.rglob("*.css"):
         remote = re.findall(_REMOTE_CSS, sheet.read_text(encoding="utf-8"))
         assert remote == [], f"{sheet.relative_to(site)} fetches {remote}"
+
+
+def test_site_browses_from_files(site: Path) -> None:
+    """Opened as files (``site/index.html``, no server), every link between
+    pages names an HTML file, not a directory."""
+    links = re.findall(r'href="([^"#:]+)"', (site / "index.html").read_text())
+    pages = [link for link in links if not link.endswith((".css", ".js", ".png"))]
+    assert pages
+    assert [link for link in pages if not link.endswith(".html")] == []
 
 
 def test_mkdocs_config_fetches_nothing() -> None:

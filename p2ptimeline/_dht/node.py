@@ -263,7 +263,8 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
         if not self.has_neighbors() and self.bootstrap_addresses:
             await self.bootstrap(self.bootstrap_addresses)
         if not self.has_neighbors():
-            raise RegistryUnavailable("no DHT node is reachable")
+            hint = "" if self.bootstrap_addresses else " (no bootstrap node was given)"
+            raise RegistryUnavailable(f"no DHT node is reachable{hint}")
 
     def has_neighbors(self) -> bool:
         """Whether the routing table holds any node."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Self
@@ -224,7 +225,7 @@ class DhtRegistry:
         except OSError as exc:
             await node.close()
             host, port = address = (self._host, self._port)
-            reason = (exc.strerror or str(exc)).lower()
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
             raise ListenError(
                 f"cannot listen on UDP {host}:{port}: {reason}", address
             ) from exc

@@ -204,8 +204,9 @@ class Peer:
             except OSError as exc:
                 await registry.stop()
                 if self._requested_port:
+                    reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
                     raise ListenError(
-                        f"cannot listen on TCP {self._host}:{port}: {exc}",
+                        f"cannot listen on TCP {self._host}:{port}: {reason}",
                         (self._host, port),
                     ) from exc
                 continue  # the UDP port's TCP twin is taken: try another
@@ -414,8 +415,10 @@ class Peer:
         """Stop following `username`. See `follow`.
 
         Raises:
+            NotLoggedIn: Nobody is logged in.
             UsageError: The user does not follow `username` (or it is the
                 user), or `username` is not a valid username.
+            RegistryUnavailable: No DHT node could be reached.
         """
         await self._sessions.unfollow(username)
 
