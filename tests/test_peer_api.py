@@ -159,7 +159,8 @@ async def test_a_taken_port_is_a_listen_error_naming_it(peers: PeerFactory) -> N
         with pytest.raises(pt.ListenError) as failed:
             await peer.start()
     assert failed.value.address == ("127.0.0.1", port)
-    assert str(failed.value) == f"cannot listen on TCP 127.0.0.1:{port}: address already in use"
+    expected = f"cannot listen on TCP 127.0.0.1:{port}: address already in use"
+    assert str(failed.value) == expected
     assert not isinstance(failed.value, pt.RegistryUnavailable)
     await peer.stop()
 
