@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import attrs
@@ -148,13 +150,31 @@ async def test_a_refused_push_is_not_retried_nor_taken_for_unreachable(
     assert not follower.unreachable_seq
 
 
+@contextlib.contextmanager
+def tcp_port_with_free_udp_twin() -> Iterator[tuple[socket.socket, int]]:
+    """A bound TCP socket whose port is free for UDP (others' tests and
+    benchmarks use UDP ports too): the peer then fails on TCP only."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+        tcp = socket.socket()
+        try:
+            tcp.bind(("127.0.0.1", port))
+        except OSError:
+            tcp.close()
+            continue
+        with tcp:
+            yield tcp, port
+        return
+    raise AssertionError("no port free for both UDP and TCP")
+
+
 async def test_a_taken_port_is_a_listen_error_naming_it(peers: PeerFactory) -> None:
     """A peer asked for a TCP port already taken raises `ListenError` (a
     `NetworkError`) with the address, not RegistryUnavailable."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
+    with tcp_port_with_free_udp_twin() as (taken, port):
         taken.listen()
-        port = taken.getsockname()[1]
         peer = pt.Peer("127.0.0.1", port, config=FAST, clock=pt.ClockSync(servers=[]))
         with pytest.raises(pt.ListenError) as failed:
             await peer.start()
