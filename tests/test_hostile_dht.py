@@ -408,3 +408,27 @@ async def test_a_silent_contact_is_waited_for_by_one_lookup_only(
         assert await first == keys["alice"]
     finally:
         sink.close()
+
+
+async def test_a_read_that_finds_nothing_asks_the_silent_contact_too(
+    network: NetworkFactory,
+) -> None:
+    """A read that passed over a silent contact (another lookup waiting on
+    it) and found nothing asks it once more, waiting, before it calls the
+    record absent: on an overloaded host a slow node is not a dead one."""
+    nodes = await network(4, rpc_timeout=4.0)
+    identity = pt.Identity.generate()
+    await nodes[1].claim_username("alice", identity, SEALED)
+    sink = await Sink.open(1)
+    try:
+        reader = nodes[3]
+        router = reader._started().protocol.router
+        router.add_contact(Node(os.urandom(20), *sink.addresses[0]))
+        first = asyncio.ensure_future(reader.get_public_key("alice"))
+        await eventually(lambda: sink.received >= 2)  # asked, then asked again
+        before = sink.received
+        assert await reader.get_public_key("nobody") is None
+        assert sink.received > before  # asked again before "absent"
+        assert await first == identity.public_key
+    finally:
+        sink.close()

@@ -84,6 +84,9 @@ class LookupResult:
     """The `ksize` closest nodes that answered (see the module's doc)."""
     failed: list[Node]
     """Nodes asked that did not answer, or skipped as unreachable."""
+    passed_silent: bool = False
+    """Whether a node was passed over because another lookup was waiting on
+    it (see `RegistryProtocol.recently_unreachable`)."""
 
 
 class Lookup:
@@ -116,9 +119,12 @@ class Lookup:
         values: bool = False,
         quorum: int | None = None,
         patient: bool = False,
+        pass_silent: bool = True,
         timeout: float,
     ) -> None:
         self._protocol = protocol
+        self._pass_silent = pass_silent and not patient
+        self._passed_silent = False
         self._key = key
         self._target = int.from_bytes(key)
         self._ksize = ksize
@@ -244,9 +250,13 @@ class Lookup:
         in_flight: dict[asyncio.Future[FoundReply | None], _Candidate],
     ) -> bool:
         """Send the request; False if the node is skipped as unreachable."""
-        if self._protocol.recently_unreachable(
-            candidate.address, silent=not self._patient
+        if self._protocol.recently_unreachable(candidate.address):
+            candidate.state, candidate.skipped = "failed", True
+            return False
+        if self._pass_silent and self._protocol.recently_unreachable(
+            candidate.address, silent=True
         ):
+            self._passed_silent = True
             candidate.state, candidate.skipped = "failed", True
             return False
         candidate.state, candidate.asked_at = "asking", now
@@ -317,7 +327,12 @@ class Lookup:
             closest.append(candidate.node)
         failed = [c.node for c in self._by_address.values() if c.state == "failed"]
         answers = [(c.node, c.reply) for c in answered if c.reply is not None]
-        return LookupResult(answers=answers, closest=closest, failed=failed)
+        return LookupResult(
+            answers=answers,
+            closest=closest,
+            failed=failed,
+            passed_silent=self._passed_silent,
+        )
 
 
 def _distance(candidate: _Candidate) -> int:

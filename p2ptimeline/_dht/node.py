@@ -293,13 +293,15 @@ class DhtNode(Server):  # type: ignore[misc]  # untyped base class
             "patient": patient,
         }
         found = await self._new_lookup(key, **options).run()
-        if not any(r.value for _, r in found.answers) and self.protocol.forgive(
-            found.failed, marked_before=started
+        if not any(r.value for _, r in found.answers) and (
+            self.protocol.forgive(found.failed, marked_before=started)
+            or found.passed_silent
         ):
-            # Nodes skipped as unreachable may only have been slow once (on
-            # an overloaded host): ask them again before calling it absent.
-            # (Not those that failed during this read: they were asked.)
-            found = await self._new_lookup(key, **options).run()
+            # Nodes skipped as unreachable, or passed over while another
+            # lookup waited on them, may only be slow (on an overloaded
+            # host): ask them again, and wait for them, before calling it
+            # absent. (Not those that failed during this read: they were.)
+            found = await self._new_lookup(key, **options, pass_silent=False).run()
         if not found.answers:
             # Silence is not absence: without a single answer, nothing is known.
             raise RegistryUnavailable("no DHT node answered the read")
